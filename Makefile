@@ -1,0 +1,31 @@
+# headwater: the two commands a new machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo up test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "headwater needs Python 3.11, this is " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## run the demo: embedded Kafka + ClickHouse, simulated workload, analyst report
+	$(BIN)/headwater demo
+
+up: $(STAMP)
+	$(BIN)/headwater up
+
+test: $(STAMP)  ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## unit tests only, no broker or ClickHouse
+	$(BIN)/python -m pytest -m "not pipeline and not docker"
+
+clean:
+	rm -rf $(VENV) .headwater .pytest_cache

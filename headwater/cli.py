@@ -1,0 +1,257 @@
+"""The ``headwater`` command line. Settings are built here, once, and passed down."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .settings import Settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="headwater: Kafka-native product analytics ingestion (PostHog semantics) into ClickHouse.\n\n"
+    "Configuration comes from HEADWATER_* environment variables; see the README.",
+)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:
+        typer.echo(f"headwater: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so a component stops between batches."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@app.command()
+def up(
+    workers: int = typer.Option(1, min=1, help="Identity worker processes to run."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the whole pipeline in the foreground (embedded broker and ClickHouse when none are
+    configured). Ctrl-C stops everything cleanly."""
+    from .status import run_until_stopped
+    from .stack import LocalStack, StackError
+
+    _logging(verbose)
+    settings = _settings()
+    stack = LocalStack(settings, workers=workers)
+    stop = _stop_event()
+    try:
+        stack.start()
+        typer.echo(_banner(settings), err=True)
+        run_until_stopped(stack, settings, stop)
+    except StackError as exc:
+        typer.echo(f"headwater up: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        typer.echo("\nheadwater: stopping...", err=True)
+        stack.stop()
+        typer.echo("headwater: stopped.", err=True)
+
+
+def _banner(settings: Settings) -> str:
+    ch = settings.clickhouse
+    kafka = "embedded Tansu (memory storage)" if settings.embedded_kafka else "configured cluster"
+    clickhouse = "embedded chDB" if settings.embedded_clickhouse else "configured server"
+    return (
+        f"headwater is up.\n"
+        f"  Kafka       {settings.bootstrap_servers}  ({kafka})\n"
+        f"  ClickHouse  http://{ch.host}:{ch.port}  database {ch.database}  ({clickhouse})\n"
+        f"  Try: headwater sql \"SELECT event, count() FROM {ch.database}.events GROUP BY event\"\n"
+        f"  Ctrl-C to stop."
+    )
+
+
+@app.command()
+def demo(
+    users: int = typer.Option(300, min=10, help="Simulated visitors."),
+    companies: int = typer.Option(20, min=1, help="Simulated customer companies."),
+    keep_running: bool = typer.Option(False, help="Keep the stack up after the report."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start the stack, send a simulated SaaS workload, and print what an analyst would look at."""
+    from .demo import run_demo
+    from .stack import LocalStack, StackError
+
+    _logging(verbose)
+    settings = _settings()
+    stack = LocalStack(settings)
+    stop = _stop_event()
+    try:
+        stack.start()
+        run_demo(settings, stack, users=users, companies=companies, stop=stop)
+        if keep_running:
+            from .status import run_until_stopped
+
+            typer.echo(_banner(settings), err=True)
+            run_until_stopped(stack, settings, stop)
+    except StackError as exc:
+        typer.echo(f"headwater demo: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        stack.stop()
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="The SQL to run."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | tsv | json"),
+) -> None:
+    """Run SQL against the configured ClickHouse and print the result."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from sinks.clickhouse.client import connect
+
+    from .tables import render
+
+    settings = _settings()
+    target = settings.clickhouse
+    try:
+        client = connect(target)
+    except (ClickHouseError, OSError) as exc:
+        typer.echo(f"headwater sql: cannot reach ClickHouse at {target.display}: {str(exc).splitlines()[0]}", err=True)
+        if settings.embedded_clickhouse:
+            typer.echo("Is `headwater up` running? (or set HEADWATER_CLICKHOUSE_URL)", err=True)
+        raise typer.Exit(1) from None
+    try:
+        result = client.query(query)
+    except ClickHouseError as exc:
+        typer.echo(str(exc).strip(), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(render(result.column_names, result.result_rows, fmt))
+
+
+@app.command()
+def topics(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Create the declared topics that are missing and check the others (idempotent)."""
+    from .kafka_admin import ensure_topics
+
+    if verbose:
+        _logging(True)
+    settings = _settings()
+    statuses = ensure_topics(settings)
+    for status in statuses:
+        typer.echo(f"{status.state:9} {status.name:32} {status.detail}")
+    if any(s.state == "mismatch" for s in statuses):
+        raise typer.Exit(1)
+    if all(s.state == "ok" for s in statuses):
+        typer.echo("all topics in place")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the ClickHouse migrations that are not applied yet (idempotent)."""
+    from sinks.clickhouse.client import connect
+    from sinks.clickhouse.migrate import apply_migrations
+
+    settings = _settings()
+    client = connect(settings.clickhouse)
+    applied = apply_migrations(client, settings.clickhouse.database, settings.clickhouse_cluster)
+    typer.echo("applied: " + (", ".join(applied) if applied else "nothing, schema is up to date"))
+
+
+@app.command()
+def worker(
+    stage: str = typer.Argument(..., help="Stage to run: identity"),
+    worker_id: str = typer.Option("0", help="Stable id of this worker (its transactional id)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run one processor stage (scale out by starting more, each with its own --worker-id)."""
+    from processors.identity.pipeline import IdentityPipeline
+    from processors.runtime import StageRunner
+
+    from .topics import TopicNames
+
+    _logging(verbose)
+    settings = _settings()
+    if stage != "identity":
+        typer.echo(f"unknown stage {stage!r}; stages: identity", err=True)
+        raise typer.Exit(2)
+    names = TopicNames(settings.topic_prefix)
+    pipeline = IdentityPipeline(names, settings.team_by_token)
+    runner = StageRunner(settings, name=stage, input_topics=[names.events_raw], stage=pipeline, worker_id=worker_id)
+    runner.run(_stop_event())
+
+
+@app.command()
+def sink(
+    worker_id: str = typer.Option("0", help="Id of this sink process (for logs)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the ClickHouse sink (applies migrations first)."""
+    from sinks.clickhouse.client import connect
+    from sinks.clickhouse.migrate import apply_migrations
+    from sinks.clickhouse.sink import ClickHouseSink
+
+    _logging(verbose)
+    settings = _settings()
+    client = connect(settings.clickhouse)
+    apply_migrations(client, settings.clickhouse.database, settings.clickhouse_cluster)
+    ClickHouseSink(settings, client, worker_id=worker_id).run(_stop_event())
+
+
+@app.command()
+def schema(
+    write: Optional[Path] = typer.Option(None, help="Write the JSON Schema to this file instead of printing it."),
+) -> None:
+    """Print the JSON Schema of the events_raw envelope (what other services produce)."""
+    import json
+
+    from .wire import raw_event_json_schema
+
+    text = json.dumps(raw_event_json_schema(), indent=2, sort_keys=True) + "\n"
+    if write is None:
+        typer.echo(text, nl=False)
+    else:
+        write.write_text(text)
+
+
+@app.command("clickhouse")
+def clickhouse_server(
+    data_dir: Optional[Path] = typer.Option(None, help="chDB data folder (default: HEADWATER_DATA_DIR/chdb)."),
+    port: Optional[int] = typer.Option(None, help="Port (default: HEADWATER_EMBEDDED_CLICKHOUSE_PORT)."),
+) -> None:
+    """Serve only the embedded ClickHouse (chDB behind the ClickHouse HTTP interface)."""
+    from .embedded.clickhouse_http import serve_forever
+
+    _logging()
+    settings = _settings()
+    folder = data_dir or Path(settings.data_dir) / "chdb"
+    folder.mkdir(parents=True, exist_ok=True)
+    serve_forever(str(folder), "127.0.0.1", port or settings.embedded_clickhouse_port)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

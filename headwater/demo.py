@@ -1,0 +1,137 @@
+"""``headwater demo``: a simulated SaaS product, then the queries an analyst would run.
+
+The workload (seeded, so each run looks alike): companies with plans and sizes; anonymous
+visitors browsing in sessions; some sign up and are identified; their companies are described
+with ``$groupidentify``; a billing backend sends events without sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import typer
+
+from producers.backend import Client
+
+from .ids import uuid7
+from .settings import Settings
+from .stack import LocalStack
+from .tables import render
+
+log = logging.getLogger(__name__)
+
+PAGES = ["/", "/pricing", "/docs", "/blog/launch", "/features", "/signup"]
+SOURCES = ["google", "newsletter", "twitter", None, None]
+
+
+@dataclass
+class Workload:
+    events: int = 0
+
+
+def _send_workload(client: Client, *, users: int, companies: int, seed: int = 7) -> Workload:
+    rng = random.Random(seed)
+    work = Workload()
+    start = datetime.now(timezone.utc) - timedelta(days=42)
+    company_keys = [f"company-{i}" for i in range(companies)]
+    for key in company_keys:
+        client.group_identify("company", key, {"name": key.replace("-", " ").title(), "plan": rng.choice(["free", "pro", "enterprise"]), "seats": rng.randint(2, 400)})
+        work.events += 1
+    for u in range(users):
+        anon = str(uuid.UUID(int=rng.getrandbits(128)))
+        when = start + timedelta(minutes=rng.randint(0, 42 * 24 * 60))
+        company = rng.choice(company_keys)
+        source = rng.choice(SOURCES)
+        for _visit in range(rng.randint(1, 3)):
+            session = str(uuid7(int(when.timestamp() * 1000), rng.randbytes(10)))
+            for page in rng.sample(PAGES, rng.randint(1, 4)):
+                props = {"$current_url": f"https://app.example.com{page}", "$pathname": page, "$session_id": session, "$browser": rng.choice(["Chrome", "Firefox", "Safari"])}
+                if source:
+                    props["utm_source"] = source
+                client.capture(anon, "$pageview", props, timestamp=when)
+                work.events += 1
+                when += timedelta(seconds=rng.randint(5, 300))
+            when += timedelta(hours=rng.randint(2, 72))
+        if rng.random() < 0.4:
+            user = f"user-{u}@example.com"
+            client.capture(anon, "signed_up", {"$session_id": session}, timestamp=when)
+            client.identify(user, {"email": user}, anon_distinct_id=anon, timestamp=when)
+            client.capture(user, "project_created", groups={"company": company}, timestamp=when + timedelta(minutes=3))
+            work.events += 3
+            for week in range(rng.randint(0, 5)):
+                paid = when + timedelta(days=7 * week + 1)
+                if paid < datetime.now(timezone.utc):
+                    client.capture(f"billing:{company}", "invoice_paid", {"amount": rng.choice([0, 49, 490])}, groups={"company": company}, timestamp=paid)
+                    work.events += 1
+    client.flush()
+    return work
+
+
+REPORT = [
+    (
+        "Weekly active companies",
+        """SELECT toStartOfWeek(timestamp) AS week,
+                  uniqExact(JSONExtractString(properties, '$groups', 'company')) AS active_companies
+           FROM {db}.events
+           WHERE JSONExtractString(properties, '$groups', 'company') != ''
+           GROUP BY week ORDER BY week""",
+    ),
+    (
+        "Signup funnel (visitors who viewed a page → viewed pricing → signed up, within 14 days)",
+        """SELECT countIf(level >= 1) AS viewed_page, countIf(level >= 2) AS viewed_pricing, countIf(level >= 3) AS signed_up
+           FROM (SELECT distinct_id,
+                        windowFunnel(14 * 86400)(toDateTime(timestamp), event = '$pageview',
+                            event = '$pageview' AND JSONExtractString(properties, '$pathname') = '/pricing',
+                            event = 'signed_up') AS level
+                 FROM {db}.events GROUP BY distinct_id)""",
+    ),
+    (
+        "Sessions (client sessions from $session_id)",
+        """SELECT count() AS sessions, round(avg(duration_s)) AS avg_duration_s,
+                  round(avg(pageviews), 2) AS pageviews_per_session,
+                  round(100 * avg(pageviews = 1), 1) AS bounce_rate_pct
+           FROM (SELECT `$session_id`, dateDiff('second', min(timestamp), max(timestamp)) AS duration_s,
+                        countIf(event = '$pageview') AS pageviews
+                 FROM {db}.events WHERE `$session_id` != '' GROUP BY `$session_id`)""",
+    ),
+    (
+        "Top events",
+        "SELECT event, count() AS events, uniqExact(distinct_id) AS distinct_ids FROM {db}.events GROUP BY event ORDER BY events DESC",
+    ),
+]
+
+
+def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: int, stop: threading.Event) -> None:
+    from sinks.clickhouse.client import connect
+
+    token = next(iter(settings.team_by_token))
+    client = Client.from_settings(settings, token)
+    db = settings.clickhouse.database
+    ch = connect(settings.clickhouse)
+    before = ch.query(f"SELECT count() FROM {db}.events").result_rows[0][0]
+    typer.echo(f"demo: sending a simulated SaaS workload ({users} visitors, {companies} companies)...", err=True)
+    work = _send_workload(client, users=users, companies=companies)
+    client.close()
+    typer.echo(f"demo: {work.events:,} events acknowledged by Kafka; waiting for them in ClickHouse...", err=True)
+    deadline = time.monotonic() + 180
+    while not stop.is_set():
+        stack.check()
+        rows = ch.query(f"SELECT count() FROM {db}.events").result_rows[0][0] - before
+        dead = ch.query(f"SELECT count() FROM {db}.events_dead_letter").result_rows[0][0]
+        if rows + dead >= work.events:
+            break
+        if time.monotonic() > deadline:
+            typer.echo(f"demo: only {rows:,} of {work.events:,} events arrived in 180 s; see {stack.data_dir}/logs", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    for title, query in REPORT:
+        result = ch.query(query.format(db=db))
+        typer.echo(f"\n== {title}\n{render(result.column_names, result.result_rows)}")
+    typer.echo(f"\nRun your own: headwater sql \"SELECT ... FROM {db}.events\" (while `headwater up` runs)")
+    ch.close()

@@ -1,0 +1,195 @@
+"""Settings: environment variables with the ``HEADWATER_`` prefix, built once at the entry point.
+
+Nothing reads the environment below the entry point: the CLI builds one :class:`Settings` and
+passes it (or the sections it needs) down.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_HOST = "127.0.0.1"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{0,100}$")
+
+
+def parse_teams(spec: str) -> dict[str, int]:
+    """Parse ``token:team_id,token:team_id`` into ``{token: team_id}``; raise ValueError on junk."""
+    teams: dict[str, int] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        token, sep, team = item.rpartition(":")
+        if not sep or not token or not team.strip().isdigit():
+            raise ValueError(f"HEADWATER_TEAMS entry {item!r} is not 'token:team_id'")
+        if token in teams:
+            raise ValueError(f"HEADWATER_TEAMS names token {token!r} twice")
+        teams[token] = int(team)
+    if not teams:
+        raise ValueError("HEADWATER_TEAMS names no team")
+    return teams
+
+
+class ClickHouseTarget:
+    """Where ClickHouse is, parsed from ``http(s)://user:pass@host:port/db``."""
+
+    def __init__(self, url: str, default_database: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"HEADWATER_CLICKHOUSE_URL {url!r} must look like http(s)://user:pass@host:port/db")
+        self.secure = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (8443 if self.secure else 8123)
+        self.username = unquote(parts.username) if parts.username else "default"
+        self.password = unquote(parts.password) if parts.password else ""
+        database = parts.path.strip("/") or default_database
+        if not _IDENTIFIER.match(database):
+            raise ValueError(f"ClickHouse database name {database!r} is not a plain identifier")
+        self.database = database
+
+    @property
+    def display(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.username}@{self.host}:{self.port}/{self.database}"
+
+
+class Settings(BaseSettings):
+    """Every knob of headwater. Defaults run the embedded mode on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_", extra="ignore")
+
+    # Kafka -----------------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None, description="Kafka bootstrap servers; unset: start the embedded Tansu broker."
+    )
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict, description="More librdkafka settings as a JSON object."
+    )
+    kafka_session_timeout_ms: int = Field(
+        default=6000,
+        ge=1000,
+        description="Consumer-group session timeout; Tansu's first assignment takes about half of it.",
+    )
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+
+    # ClickHouse --------------------------------------------------------------------------------
+    clickhouse_url: str | None = Field(
+        default=None, description="http(s)://user:pass@host:port/db; unset: the embedded chDB server."
+    )
+    clickhouse_database: str = "headwater"
+    clickhouse_cluster: str | None = Field(
+        default=None, description="Render the schema ON CLUSTER with Replicated/Distributed engines."
+    )
+
+    # Embedded defaults ---------------------------------------------------------------------------
+    embedded_kafka_port: int = 9092
+    embedded_clickhouse_port: int = 8123
+    data_dir: Path = Path(".headwater")
+
+    # Product -----------------------------------------------------------------------------------
+    teams: str = "phc_local:1"
+    capture_addr: str = "127.0.0.1:8000"
+
+    # Stages ------------------------------------------------------------------------------------
+    processor_batch_size: int = Field(default=5000, ge=1)
+    processor_batch_ms: int = Field(default=100, ge=1)
+    sink_batch_rows: int = Field(default=10_000, ge=1)
+    sink_batch_ms: int = Field(default=1000, ge=1)
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+
+    @field_validator("teams")
+    @classmethod
+    def _teams_parse(cls, value: str) -> str:
+        parse_teams(value)
+        return value
+
+    @field_validator("clickhouse_database")
+    @classmethod
+    def _database_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"{value!r} is not a plain identifier")
+        return value
+
+    @field_validator("clickhouse_cluster")
+    @classmethod
+    def _cluster_identifier(cls, value: str | None) -> str | None:
+        if value is not None and not _IDENTIFIER.match(value):
+            raise ValueError(f"{value!r} is not a plain identifier")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix_chars(cls, value: str) -> str:
+        if not _TOPIC_PREFIX.match(value):
+            raise ValueError("topic prefix may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    # Derived -----------------------------------------------------------------------------------
+    @property
+    def team_by_token(self) -> dict[str, int]:
+        return parse_teams(self.teams)
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_url is None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap or f"{EMBEDDED_HOST}:{self.embedded_kafka_port}"
+
+    @property
+    def clickhouse(self) -> ClickHouseTarget:
+        url = self.clickhouse_url or f"http://{EMBEDDED_HOST}:{self.embedded_clickhouse_port}"
+        return ClickHouseTarget(url, self.clickhouse_database)
+
+    @property
+    def capture_host_port(self) -> tuple[str, int]:
+        host, _, port = self.capture_addr.rpartition(":")
+        return host or EMBEDDED_HOST, int(port)
+
+    def kafka_config(self, **overrides: Any) -> dict[str, Any]:
+        """librdkafka settings common to every client: bootstrap, security, extras, then overrides."""
+        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        named = {
+            "security.protocol": self.kafka_security_protocol,
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "sasl.password": self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+        }
+        config.update({k: v for k, v in named.items() if v is not None})
+        config.update(self.kafka_extra)
+        config.update(overrides)
+        return config
+
+    def consumer_config(self, group_id: str, **overrides: Any) -> dict[str, Any]:
+        return self.kafka_config(
+            **{
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "session.timeout.ms": self.kafka_session_timeout_ms,
+                "heartbeat.interval.ms": max(100, self.kafka_session_timeout_ms // 4),
+                "enable.partition.eof": False,
+                **overrides,
+            }
+        )

@@ -1,0 +1,110 @@
+"""The local stack behind ``headwater up`` and ``headwater demo``.
+
+Order: embedded broker (if no ``HEADWATER_KAFKA_BOOTSTRAP``), embedded ClickHouse (if no
+``HEADWATER_CLICKHOUSE_URL``), topics, migrations, then the pipeline's own processes (identity
+workers, sink). Children get the resolved addresses in their environment, so none of them
+starts another embedded component. The broker is never restarted (memory storage: a restart
+would lose the log); other children are restarted when they die.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .embedded.broker import broker_command, port_in_use, wait_for_port
+from .kafka_admin import ensure_topics
+from .settings import EMBEDDED_HOST, Settings
+from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _wait_for_clickhouse(url: str, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StackError(f"embedded ClickHouse did not answer at {url} within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, *, workers: int = 1) -> None:
+        self.settings = settings
+        self.workers = workers
+        data_dir = Path(settings.data_dir).resolve()
+        self.supervisor = Supervisor(data_dir / "logs")
+        self.data_dir = data_dir
+        self.child_env: dict[str, str] = {}
+
+    def start(self) -> None:
+        s = self.settings
+        if s.embedded_kafka:
+            port = s.embedded_kafka_port
+            if port_in_use(EMBEDDED_HOST, port):
+                raise StackError(
+                    f"port {port} is taken: is another headwater up running? "
+                    "Stop it, or set HEADWATER_EMBEDDED_KAFKA_PORT / HEADWATER_KAFKA_BOOTSTRAP."
+                )
+            self.supervisor.start("broker", broker_command(port), restart=False)
+            wait_for_port(EMBEDDED_HOST, port, 30)
+        if s.embedded_clickhouse:
+            port = s.embedded_clickhouse_port
+            if port_in_use(EMBEDDED_HOST, port):
+                raise StackError(
+                    f"port {port} is taken: is another headwater up running? "
+                    "Stop it, or set HEADWATER_EMBEDDED_CLICKHOUSE_PORT / HEADWATER_CLICKHOUSE_URL."
+                )
+            chdb_dir = self.data_dir / "chdb"
+            chdb_dir.mkdir(parents=True, exist_ok=True)
+            self.supervisor.start(
+                "clickhouse",
+                [sys.executable, "-m", "headwater.embedded.clickhouse_http", "--data-dir", str(chdb_dir), "--host", EMBEDDED_HOST, "--port", str(port)],
+            )
+            _wait_for_clickhouse(f"http://{EMBEDDED_HOST}:{port}", 60)
+        self.child_env = {"HEADWATER_KAFKA_BOOTSTRAP": s.bootstrap_servers}
+        if s.embedded_clickhouse:
+            self.child_env["HEADWATER_CLICKHOUSE_URL"] = f"http://{EMBEDDED_HOST}:{s.embedded_clickhouse_port}/{s.clickhouse_database}"
+        for status in ensure_topics(s):
+            log.info("topic %s: %s %s", status.name, status.state, status.detail)
+        self._migrate()
+        for i in range(self.workers):
+            self.supervisor.start(
+                f"identity-{i}", [sys.executable, "-m", "headwater.cli", "worker", "identity", "--worker-id", str(i)], self.child_env
+            )
+        self.supervisor.start("sink", [sys.executable, "-m", "headwater.cli", "sink"], self.child_env)
+
+    def _migrate(self) -> None:
+        from sinks.clickhouse.client import connect
+        from sinks.clickhouse.migrate import apply_migrations
+
+        client = connect(self.settings.clickhouse)
+        try:
+            applied = apply_migrations(client, self.settings.clickhouse.database, self.settings.clickhouse_cluster)
+        finally:
+            client.close()
+        log.info("migrations applied: %s", ", ".join(applied) or "none (schema up to date)")
+
+    def check(self) -> list[str]:
+        events = self.supervisor.check()
+        broker = next((c for c in self.supervisor.children if c.name == "broker"), None)
+        if broker is not None and not broker.alive:
+            raise StackError("the embedded broker died; its memory storage is gone. See logs/broker.log")
+        return events
+
+    def stop(self) -> None:
+        self.supervisor.stop()

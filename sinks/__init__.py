@@ -1,0 +1,1 @@
+"""Sinks: from the output topics into the analysts' store (ClickHouse)."""

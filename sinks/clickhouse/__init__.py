@@ -1,0 +1,1 @@
+"""The ClickHouse sink: versioned migrations, and batched, deduplicated inserts from Kafka."""

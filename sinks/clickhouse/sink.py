@@ -1,0 +1,199 @@
+"""The ClickHouse sink: topics → tables in batches, offsets committed only after the insert.
+
+Per (topic, partition) the sink buffers rows and inserts them when the buffer holds
+``sink_batch_rows`` rows or its oldest row is ``sink_batch_ms`` old. Each insert carries
+``insert_deduplication_token = "<topic>:<partition>:<first>-<last>"`` (offset range) and
+``async_insert=0``, so a batch inserted again after a crash between the insert and the commit is
+refused by ClickHouse rather than duplicated. When ClickHouse is down or erroring, the sink
+pauses its partitions, keeps its group membership, retries with backoff and commits nothing
+until the insert succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from headwater.rows import EVENT_COLUMNS, WARNING_COLUMNS
+from headwater.settings import Settings
+from headwater.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_COLUMNS = (
+    "reason",
+    "detail",
+    "stage",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "dead_lettered_at",
+    "key",
+    "raw",
+)
+
+
+def event_row(message: Message) -> list[Any]:
+    row = orjson.loads(message.value())
+    return [row[c] for c in EVENT_COLUMNS]
+
+
+def warning_row(message: Message) -> list[Any]:
+    row = orjson.loads(message.value())
+    return [row[c] for c in WARNING_COLUMNS]
+
+
+def dead_letter_row(message: Message) -> list[Any]:
+    headers = {k: v for k, v in (message.headers() or [])}
+
+    def text(name: str) -> str:
+        return (headers.get(name) or b"").decode(errors="replace")
+
+    def number(name: str) -> int:
+        value = text(name)
+        return int(value) if value.lstrip("-").isdigit() and int(value) >= 0 else 0
+
+    return [
+        text("dlq_reason") or "unknown",
+        text("dlq_detail"),
+        text("dlq_stage"),
+        text("dlq_topic"),
+        number("dlq_partition"),
+        number("dlq_offset"),
+        message.timestamp()[1],  # broker time of the dead letter, ms = DateTime64(3) ticks
+        message.key() or b"",
+        message.value() or b"",
+    ]
+
+
+@dataclass(frozen=True)
+class TableRoute:
+    table: str
+    columns: tuple[str, ...]
+    to_row: Callable[[Message], list[Any]]
+
+
+@dataclass
+class Buffer:
+    rows: list[list[Any]] = field(default_factory=list)
+    first_offset: int = -1
+    last_offset: int = -1
+    opened: float = 0.0
+    bad: int = 0
+
+
+class ClickHouseSink:
+    def __init__(self, settings: Settings, client: Client, *, worker_id: str = "0") -> None:
+        self.settings = settings
+        self.client = client
+        self.database = settings.clickhouse.database
+        topics = TopicNames(settings.topic_prefix)
+        db = self.database
+        self.routes: dict[str, TableRoute] = {
+            topics.events_enriched: TableRoute(f"{db}.events", EVENT_COLUMNS, event_row),
+            topics.ingestion_warnings: TableRoute(f"{db}.ingestion_warnings", WARNING_COLUMNS, warning_row),
+            topics.events_dead_letter: TableRoute(f"{db}.events_dead_letter", DEAD_LETTER_COLUMNS, dead_letter_row),
+        }
+        self.group_id = f"{settings.topic_prefix}headwater-sink"
+        self.consumer = Consumer(settings.consumer_config(self.group_id, **{"client.id": f"sink-{worker_id}"}))
+        self.buffers: dict[tuple[str, int], Buffer] = {}
+        self.rows_written: dict[str, int] = {r.table: 0 for r in self.routes.values()}
+        self.insert_failures = 0
+
+    def run(self, stop: threading.Event) -> None:
+        self.consumer.subscribe(list(self.routes), on_revoke=self._on_revoke)
+        log.info("sink: %s -> %s", ",".join(self.routes), self.database)
+        try:
+            while not stop.is_set():
+                for message in self.consumer.consume(self.settings.sink_batch_rows, 0.05):
+                    self._buffer(message)
+                self._flush(force=False, stop=stop)
+            self._flush(force=True, stop=stop)
+        finally:
+            self.consumer.close()
+
+    def _buffer(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("sink: consumer error: %s", error)
+            return
+        key = (message.topic(), message.partition())
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = Buffer(opened=time.monotonic(), first_offset=message.offset())
+        if buffer.first_offset < 0:
+            buffer.first_offset = message.offset()
+            buffer.opened = time.monotonic()
+        buffer.last_offset = message.offset()
+        try:
+            buffer.rows.append(self.routes[message.topic()].to_row(message))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            # Our own processors wrote this topic; a row we cannot read is a bug upstream.
+            buffer.bad += 1
+            log.error("sink: unreadable row at %s[%s]@%s: %r", *key, message.offset(), exc)
+
+    def _flush(self, *, force: bool, stop: threading.Event) -> None:
+        now = time.monotonic()
+        max_age = self.settings.sink_batch_ms / 1000
+        commits: list[TopicPartition] = []
+        for (topic, partition), buffer in self.buffers.items():
+            if buffer.first_offset < 0:
+                continue
+            due = force or len(buffer.rows) >= self.settings.sink_batch_rows or now - buffer.opened >= max_age
+            if not due:
+                continue
+            if buffer.rows:
+                route = self.routes[topic]
+                token = f"{topic}:{partition}:{buffer.first_offset}-{buffer.last_offset}"
+                if not self._insert_with_retry(route, buffer.rows, token, stop):
+                    return  # stopping while ClickHouse is down: commit nothing
+                self.rows_written[route.table] += len(buffer.rows)
+            commits.append(TopicPartition(topic, partition, buffer.last_offset + 1))
+            self.buffers[(topic, partition)] = Buffer()
+        if commits:
+            self.consumer.commit(offsets=commits, asynchronous=False)
+
+    def _insert_with_retry(self, route: TableRoute, rows: list[list[Any]], token: str, stop: threading.Event) -> bool:
+        delay = 0.2
+        paused = False
+        while True:
+            try:
+                self.client.insert(
+                    route.table,
+                    rows,
+                    column_names=list(route.columns),
+                    settings={"async_insert": 0, "insert_deduplication_token": token},
+                )
+                if paused:
+                    self.consumer.resume(self.consumer.assignment())
+                    log.info("sink: ClickHouse is back; inserted %d rows into %s", len(rows), route.table)
+                return True
+            except (ClickHouseError, OSError) as exc:
+                self.insert_failures += 1
+                log.warning("sink: insert into %s failed (%s); retrying in %.1fs, nothing committed", route.table, str(exc).splitlines()[0][:200], delay)
+                if not paused:
+                    self.consumer.pause(self.consumer.assignment())
+                    paused = True
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline:
+                    if stop.is_set():
+                        return False
+                    self.consumer.consume(1, min(0.1, delay))  # keep group membership alive
+                delay = min(delay * 2, 5.0)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Drop buffers of revoked partitions: their rows are read again by the next owner."""
+        for tp in partitions:
+            self.buffers.pop((tp.topic, tp.partition), None)

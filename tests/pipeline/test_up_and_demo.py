@@ -1,0 +1,122 @@
+"""`headwater up` and `headwater demo` as a user runs them: embedded broker and ClickHouse,
+other shells querying while it runs, and Ctrl-C leaving no process behind."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+
+from producers.backend import Client
+from tests.conftest import ROOT, free_port, wait_until
+
+pytestmark = pytest.mark.pipeline
+
+
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+    env.update(
+        HEADWATER_EMBEDDED_KAFKA_PORT=str(free_port()),
+        HEADWATER_EMBEDDED_CLICKHOUSE_PORT=str(free_port()),
+        HEADWATER_DATA_DIR=str(tmp_path / "data"),
+        HEADWATER_KAFKA_SESSION_TIMEOUT_MS="1000",
+        HEADWATER_SINK_BATCH_MS="200",
+    )
+    return env
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def headwater(env, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "headwater.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_up_serves_sql_and_clients_while_running_and_ctrl_c_stops_every_child(tmp_path):
+    env = embedded_env(tmp_path)
+    kafka_port, ch_port = env["HEADWATER_EMBEDDED_KAFKA_PORT"], int(env["HEADWATER_EMBEDDED_CLICKHOUSE_PORT"])
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "headwater.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    children: list[int] = []
+    try:
+        def events_table_ready():
+            try:
+                return clickhouse_connect.get_client(host="127.0.0.1", port=ch_port).query("SELECT count() FROM headwater.events")
+            except Exception:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()
+                return None
+
+        wait_until(events_table_ready, 90, interval=0.3, message="headwater up to be ready")
+        children = wait_until(lambda: len(children_of(up.pid)) >= 4 and children_of(up.pid), 30, message="four children")
+
+        client = Client("phc_local", bootstrap=f"127.0.0.1:{kafka_port}")
+        for i in range(50):
+            client.capture(f"user-{i}", "clicked", {"i": i})
+        assert client.flush() == 0
+        client.close()
+
+        # another shell: headwater sql
+        def sql_count():
+            result = headwater(env, "sql", "SELECT count() AS n FROM headwater.events", "--format", "tsv")
+            assert result.returncode == 0, result.stderr
+            return result.stdout.splitlines()[-1] == "50"
+
+        wait_until(sql_count, 60, interval=0.5, message="headwater sql to count 50 events")
+
+        # another process: clickhouse-connect can query and insert
+        ch = clickhouse_connect.get_client(host="127.0.0.1", port=ch_port)
+        ch.command("CREATE TABLE IF NOT EXISTS default.scratch (n UInt32) ENGINE = MergeTree ORDER BY n")
+        ch.insert("default.scratch", [[i] for i in range(1000)], column_names=["n"])
+        assert ch.query("SELECT count(), sum(n) FROM default.scratch").result_rows == [(1000, 499500)]
+        ch.close()
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+            log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()
+    assert children, "no children were seen"
+    leftovers = [pid for pid in children if is_running(pid)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers == []
+    assert "headwater: stopped." in (tmp_path / "up.log").read_text()
+
+
+def test_demo_prints_query_results_from_clickhouse(tmp_path):
+    env = embedded_env(tmp_path)
+    result = headwater(env, "demo", "--users", "40", "--companies", "5", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for title in ("Weekly active companies", "Signup funnel", "Sessions", "Top events"):
+        assert f"== {title}" in out
+    assert "$pageview" in out
+    # the funnel row holds three numbers, decreasing
+    funnel = out.split("== Signup funnel")[1].splitlines()
+    numbers = [int(x) for x in funnel[3].split("|")]
+    assert numbers[0] >= numbers[1] >= numbers[2] and numbers[0] == 40

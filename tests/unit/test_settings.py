@@ -1,0 +1,50 @@
+import pytest
+from pydantic import ValidationError
+
+from headwater.settings import ClickHouseTarget, Settings, parse_teams
+
+
+def test_defaults_are_the_embedded_mode(monkeypatch):
+    for key in ("HEADWATER_KAFKA_BOOTSTRAP", "HEADWATER_CLICKHOUSE_URL", "HEADWATER_TEAMS", "HEADWATER_CAPTURE_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert s.embedded_kafka and s.embedded_clickhouse
+    assert s.bootstrap_servers == "127.0.0.1:9092"
+    assert (s.clickhouse.host, s.clickhouse.port, s.clickhouse.database) == ("127.0.0.1", 8123, "headwater")
+    assert s.team_by_token == {"phc_local": 1}
+    assert s.capture_host_port == ("127.0.0.1", 8000)
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("HEADWATER_KAFKA_BOOTSTRAP", "kafka:29092")
+    monkeypatch.setenv("HEADWATER_CLICKHOUSE_URL", "https://ana:s%40cret@ch.example:9443/analytics")
+    monkeypatch.setenv("HEADWATER_TEAMS", "phc_a:1, phc_b:2")
+    monkeypatch.setenv("HEADWATER_KAFKA_SASL_PASSWORD", "pw")
+    monkeypatch.setenv("HEADWATER_KAFKA_EXTRA", '{"client.rack": "r1"}')
+    s = Settings()
+    target = s.clickhouse
+    assert (target.secure, target.host, target.port, target.username, target.password, target.database) == (
+        True, "ch.example", 9443, "ana", "s@cret", "analytics")
+    assert s.team_by_token == {"phc_a": 1, "phc_b": 2}
+    config = s.kafka_config()
+    assert config["bootstrap.servers"] == "kafka:29092"
+    assert config["sasl.password"] == "pw" and config["client.rack"] == "r1"
+    assert "pw" not in repr(s)
+
+
+@pytest.mark.parametrize("spec", ["", "phc", "phc:x", ":1", "a:1,a:2"])
+def test_bad_teams_are_refused(spec):
+    with pytest.raises(ValueError):
+        parse_teams(spec)
+
+
+@pytest.mark.parametrize("url", ["ftp://x/db", "http:///db", "http://h:8123/bad-name;drop"])
+def test_bad_clickhouse_urls_are_refused(url):
+    with pytest.raises(ValueError):
+        ClickHouseTarget(url, "headwater")
+
+
+def test_identifiers_from_configuration_are_validated(monkeypatch):
+    monkeypatch.setenv("HEADWATER_CLICKHOUSE_DATABASE", "x; DROP TABLE y")
+    with pytest.raises(ValidationError):
+        Settings()
