@@ -1,0 +1,29 @@
+"""Docker-only tests: real Apache Kafka and clickhouse-server through testcontainers / compose.
+They skip, with the reason, on machines without a Docker engine (like the development and CI
+machines of this project, where Tansu and chDB stand in)."""
+
+import shutil
+import subprocess
+
+import pytest
+
+
+def docker_engine_reason() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker client on PATH"
+    probe = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=20)
+    if probe.returncode != 0:
+        return "no Docker engine answers (`docker info` failed)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    checked = False
+    for item in items:
+        if "docker" not in item.keywords:
+            continue
+        if not checked:
+            reason, checked = docker_engine_reason(), True
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"needs Docker: {reason}"))
