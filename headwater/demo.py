@@ -48,7 +48,9 @@ def _send_workload(client: Client, *, users: int, companies: int, seed: int = 7)
         when = start + timedelta(minutes=rng.randint(0, 42 * 24 * 60))
         company = rng.choice(company_keys)
         source = rng.choice(SOURCES)
-        for _visit in range(rng.randint(1, 3)):
+        for visit in range(rng.randint(1, 3)):
+            if visit:
+                when += timedelta(hours=rng.randint(2, 72))  # a new visit: a new session
             session = str(uuid7(int(when.timestamp() * 1000), rng.randbytes(10)))
             for page in rng.sample(PAGES, rng.randint(1, 4)):
                 props = {"$current_url": f"https://app.example.com{page}", "$pathname": page, "$session_id": session, "$browser": rng.choice(["Chrome", "Firefox", "Safari"])}
@@ -57,7 +59,6 @@ def _send_workload(client: Client, *, users: int, companies: int, seed: int = 7)
                 client.capture(anon, "$pageview", props, timestamp=when)
                 work.events += 1
                 when += timedelta(seconds=rng.randint(5, 300))
-            when += timedelta(hours=rng.randint(2, 72))
         if rng.random() < 0.4:
             user = f"user-{u}@example.com"
             client.capture(anon, "signed_up", {"$session_id": session}, timestamp=when)
@@ -93,7 +94,7 @@ REPORT = [
     ),
     (
         "Sessions (client sessions from $session_id)",
-        """SELECT count() AS sessions, round(avg(duration_s)) AS avg_duration_s,
+        """SELECT count() AS sessions, toUInt32(avg(duration_s)) AS avg_duration_s,
                   round(avg(pageviews), 2) AS pageviews_per_session,
                   round(100 * avg(pageviews = 1), 1) AS bounce_rate_pct
            FROM (SELECT `$session_id`, dateDiff('second', min(timestamp), max(timestamp)) AS duration_s,

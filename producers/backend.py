@@ -179,4 +179,5 @@ class Client:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            atexit.unregister(self.close)
             self._producer.flush(30)

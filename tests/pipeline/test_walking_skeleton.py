@@ -24,6 +24,7 @@ def test_10000_events_become_10000_rows_with_deterministic_person_ids(settings, 
     client = Client.from_settings(settings, "phc_test")
     sent = {client.capture(f"user-{i % 997}", "$pageview", {"i": i}) for i in range(10_000)}
     assert client.flush() == 0 and client.failed == 0 and len(sent) == 10_000
+    client.close()
 
     wait_until(lambda: count(clickhouse, f"SELECT count() FROM {db}.events") >= 10_000, 120, message="10,000 rows")
     total, unique = clickhouse.query(f"SELECT count(), uniqExact(uuid) FROM {db}.events").result_rows[0]
