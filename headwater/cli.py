@@ -6,13 +6,17 @@ import logging
 import signal
 import sys
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .stack import LocalStack
 
 app = typer.Typer(
     add_completion=False,
@@ -58,18 +62,26 @@ def up(
     """Run the whole pipeline in the foreground (embedded broker and ClickHouse when none are
     configured). Ctrl-C stops everything cleanly."""
     from .status import run_until_stopped
-    from .stack import LocalStack, StackError
 
     _logging(verbose)
     settings = _settings()
-    stack = LocalStack(settings, workers=workers)
     stop = _stop_event()
-    try:
-        stack.start()
+    with _running_stack("up", settings, workers) as stack:
         typer.echo(_banner(settings), err=True)
         run_until_stopped(stack, settings, stop)
+
+
+@contextmanager
+def _running_stack(command: str, settings: Settings, workers: int = 1) -> Iterator["LocalStack"]:
+    """Start the local stack; stop every child on the way out, whatever happened."""
+    from .stack import LocalStack, StackError
+
+    stack = LocalStack(settings, workers=workers)
+    try:
+        stack.start()
+        yield stack
     except StackError as exc:
-        typer.echo(f"headwater up: {exc}", err=True)
+        typer.echo(f"headwater {command}: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
         typer.echo("\nheadwater: stopping...", err=True)
@@ -99,25 +111,16 @@ def demo(
 ) -> None:
     """Start the stack, send a simulated SaaS workload, and print what an analyst would look at."""
     from .demo import run_demo
-    from .stack import LocalStack, StackError
+    from .status import run_until_stopped
 
     _logging(verbose)
     settings = _settings()
-    stack = LocalStack(settings)
     stop = _stop_event()
-    try:
-        stack.start()
+    with _running_stack("demo", settings) as stack:
         run_demo(settings, stack, users=users, companies=companies, stop=stop)
         if keep_running:
-            from .status import run_until_stopped
-
             typer.echo(_banner(settings), err=True)
             run_until_stopped(stack, settings, stop)
-    except StackError as exc:
-        typer.echo(f"headwater demo: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        stack.stop()
 
 
 @app.command()

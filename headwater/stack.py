@@ -42,6 +42,17 @@ def _wait_for_clickhouse(url: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def _claim_port(port: int, component: str) -> int:
+    """The embedded component's port, or a StackError saying what to do if it is taken."""
+    if port_in_use(EMBEDDED_HOST, port):
+        url = "BOOTSTRAP" if component == "KAFKA" else "URL"
+        raise StackError(
+            f"port {port} is taken: is another headwater up running? "
+            f"Stop it, or set HEADWATER_EMBEDDED_{component}_PORT / HEADWATER_{component}_{url}."
+        )
+    return port
+
+
 class LocalStack:
     def __init__(self, settings: Settings, *, workers: int = 1) -> None:
         self.settings = settings
@@ -54,21 +65,11 @@ class LocalStack:
     def start(self) -> None:
         s = self.settings
         if s.embedded_kafka:
-            port = s.embedded_kafka_port
-            if port_in_use(EMBEDDED_HOST, port):
-                raise StackError(
-                    f"port {port} is taken: is another headwater up running? "
-                    "Stop it, or set HEADWATER_EMBEDDED_KAFKA_PORT / HEADWATER_KAFKA_BOOTSTRAP."
-                )
+            port = _claim_port(s.embedded_kafka_port, "KAFKA")
             self.supervisor.start("broker", broker_command(port), restart=False)
             wait_for_port(EMBEDDED_HOST, port, 30)
         if s.embedded_clickhouse:
-            port = s.embedded_clickhouse_port
-            if port_in_use(EMBEDDED_HOST, port):
-                raise StackError(
-                    f"port {port} is taken: is another headwater up running? "
-                    "Stop it, or set HEADWATER_EMBEDDED_CLICKHOUSE_PORT / HEADWATER_CLICKHOUSE_URL."
-                )
+            port = _claim_port(s.embedded_clickhouse_port, "CLICKHOUSE")
             chdb_dir = self.data_dir / "chdb"
             chdb_dir.mkdir(parents=True, exist_ok=True)
             self.supervisor.start(
