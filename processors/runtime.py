@@ -60,6 +60,7 @@ class StageRunner:
                     "transaction.timeout.ms": 30_000,
                     "linger.ms": 5,
                     "compression.type": "lz4",
+                    "partitioner": "murmur2_random",  # Java's default: keys land where any client puts them
                     "message.max.bytes": settings.max_message_bytes + 65_536,
                 }
             )

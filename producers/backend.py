@@ -63,6 +63,7 @@ class Client:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
+            "partitioner": "murmur2_random",  # Java's default, so keys land as with any other client
             **(producer_config or {}),
         }
         self._producer = Producer(config)
