@@ -115,7 +115,8 @@ def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: in
     client = Client.from_settings(settings, token)
     db = settings.clickhouse.database
     ch = connect(settings.clickhouse)
-    before = ch.query(f"SELECT count() FROM {db}.events").result_rows[0][0]
+    counts_sql = f"SELECT (SELECT count() FROM {db}.events), (SELECT count() FROM {db}.events_dead_letter)"
+    rows_before, dead_before = ch.query(counts_sql).result_rows[0]
     typer.echo(f"demo: sending a simulated SaaS workload ({users} visitors, {companies} companies)...", err=True)
     work = _send_workload(client, users=users, companies=companies)
     client.close()
@@ -123,8 +124,8 @@ def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: in
     deadline = time.monotonic() + 180
     while not stop.is_set():
         stack.check()
-        rows = ch.query(f"SELECT count() FROM {db}.events").result_rows[0][0] - before
-        dead = ch.query(f"SELECT count() FROM {db}.events_dead_letter").result_rows[0][0]
+        rows_now, dead_now = ch.query(counts_sql).result_rows[0]
+        rows, dead = rows_now - rows_before, dead_now - dead_before
         if rows + dead >= work.events:
             break
         if time.monotonic() > deadline:

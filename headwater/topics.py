@@ -8,6 +8,7 @@ for the per-team topics, which stay small.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 COMPACT = {"cleanup.policy": "compact"}
 DELETE_7D = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
@@ -60,12 +61,14 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
 
 @dataclass(frozen=True)
 class TopicNames:
-    """Resolved topic names for one prefix, passed to every stage."""
+    """Resolved topic names for one prefix, passed to every stage: ``names.events_raw`` etc.
+    The names are computed once here, not on every access (stages use them per event)."""
 
     prefix: str = ""
 
-    def __getattr__(self, base: str) -> str:  # e.g. names.events_raw
+    def __post_init__(self) -> None:
         for spec in ALL_TOPICS:
-            if spec.base == base:
-                return spec.name(self.prefix)
-        raise AttributeError(base)
+            object.__setattr__(self, spec.base, spec.name(self.prefix))
+
+    if TYPE_CHECKING:  # the attributes set above, for type checkers
+        def __getattr__(self, base: str) -> str: ...

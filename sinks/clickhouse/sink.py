@@ -52,6 +52,21 @@ def warning_row(message: Message) -> list[Any]:
     return [row[c] for c in WARNING_COLUMNS]
 
 
+def unreadable_row(message: Message, error: Exception) -> list[Any]:
+    """A message of our own topics the sink cannot turn into a row: kept as a dead letter."""
+    return [
+        "sink_unreadable_row",
+        repr(error)[:300],
+        "sink",
+        message.topic() or "",
+        message.partition() or 0,
+        message.offset() or 0,
+        message.timestamp()[1],
+        message.key() or b"",
+        message.value() or b"",
+    ]
+
+
 def dead_letter_row(message: Message) -> list[Any]:
     headers = {k: v for k, v in (message.headers() or [])}
 
@@ -88,7 +103,6 @@ class Buffer:
     first_offset: int = -1
     last_offset: int = -1
     opened: float = 0.0
-    bad: int = 0
 
 
 class ClickHouseSink:
@@ -106,6 +120,8 @@ class ClickHouseSink:
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{"client.id": f"sink-{worker_id}"}))
         self.buffers: dict[tuple[str, int], Buffer] = {}
+        self.dead_letter_route = self.routes[topics.events_dead_letter]
+        self.unreadable: list[list[Any]] = []  # inserted before their offsets are committed
         self.rows_written: dict[str, int] = {r.table: 0 for r in self.routes.values()}
         self.insert_failures = 0
 
@@ -140,11 +156,18 @@ class ClickHouseSink:
         try:
             buffer.rows.append(self.routes[message.topic()].to_row(message))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            # Our own processors wrote this topic; a row we cannot read is a bug upstream.
-            buffer.bad += 1
+            # Our own processors wrote this topic, so this is a bug upstream: keep it as a dead letter.
             log.error("sink: unreadable row at %s[%s]@%s: %r", *key, message.offset(), exc)
+            self.unreadable.append(unreadable_row(message, exc))
 
     def _flush(self, *, force: bool, stop: threading.Event) -> None:
+        if self.unreadable:
+            first = self.unreadable[0]
+            token = f"unreadable:{first[3]}:{first[4]}:{first[5]}:{len(self.unreadable)}"
+            if not self._insert_with_retry(self.dead_letter_route, self.unreadable, token, stop):
+                return
+            self.rows_written[self.dead_letter_route.table] += len(self.unreadable)
+            self.unreadable = []
         now = time.monotonic()
         max_age = self.settings.sink_batch_ms / 1000
         commits: list[TopicPartition] = []

@@ -90,3 +90,20 @@ def test_malformed_messages_become_dead_letters_and_valid_ones_around_them_arriv
     assert dict(rows) == {reason: 25 for reason in MALFORMED}
     raw = clickhouse.query(f"SELECT raw FROM {db}.events_dead_letter WHERE reason = 'unknown_token' LIMIT 1").result_rows[0][0]
     assert orjson.loads(raw)["token"] == "phc_stranger"
+
+
+def test_a_row_the_sink_cannot_read_becomes_a_dead_letter_row_not_a_silent_drop(settings, pipeline, clickhouse):
+    db = settings.clickhouse.database
+    topics = TopicNames(settings.topic_prefix)
+    producer = Producer(settings.kafka_config())
+    producer.produce(topics.events_enriched, b'{"uuid": "only this"}', key=b"7:broken")
+    assert producer.flush(30) == 0
+    client = Client.from_settings(settings, "phc_test")
+    sent = {client.capture("after-the-broken-row", "$pageview") for _ in range(5)}
+    client.close()
+
+    wait_until(lambda: count(clickhouse, f"SELECT count() FROM {db}.events") >= 5 and count(clickhouse, f"SELECT count() FROM {db}.events_dead_letter") >= 1, 60, message="rows and the dead letter")
+    assert {str(u) for (u,) in clickhouse.query(f"SELECT uuid FROM {db}.events").result_rows} == sent
+    reason, stage, topic, raw = clickhouse.query(f"SELECT reason, stage, source_topic, raw FROM {db}.events_dead_letter").result_rows[0]
+    assert (reason, stage, topic) == ("sink_unreadable_row", "sink", topics.events_enriched)
+    assert raw == '{"uuid": "only this"}'
