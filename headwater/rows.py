@@ -1,4 +1,6 @@
-"""The event row: the value of ``events_enriched`` and the columns of the ClickHouse ``events`` table.
+"""The rows that travel on our topics and land in ClickHouse, each a tuple of JSON keys that are also
+the column names: the event row (``events_enriched`` → ``events``), the warning row, and the identity
+rows (``persons`` → ``persons``, ``person_distinct_ids`` → ``person_distinct_ids``).
 
 Rows travel as JSON objects with exactly these keys. Times are integers (microseconds since
 the epoch, UTC) so that neither side parses dates on the hot path.
@@ -26,3 +28,16 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 
 WARNING_COLUMNS: tuple[str, ...] = ("team_id", "type", "event_uuid", "distinct_id", "details", "timestamp")
+
+PERSON_COLUMNS: tuple[str, ...] = ("id", "team_id", "properties", "is_identified", "created_at", "version", "is_deleted")
+"""The JSON keys of a value on the compacted topic ``persons`` (key ``team_id:person_id``) and the
+columns the sink writes to the ClickHouse ``persons`` table. ``properties`` is a JSON text string,
+``created_at`` an int (microseconds since the epoch, UTC), ``is_identified``/``is_deleted`` 0/1
+ints, ``version`` an int. A record whose value is None (the Kafka tombstone sent after a person's
+deleted snapshot, so compaction can drop the key) carries no row."""
+
+DISTINCT_ID_COLUMNS: tuple[str, ...] = ("team_id", "distinct_id", "person_id", "version", "is_deleted")
+"""The JSON keys of a value on the compacted topic ``person_distinct_ids`` (key
+``team_id:distinct_id``) and the columns of the ClickHouse ``person_distinct_ids`` table.
+``person_id`` is a UUID string, ``version`` an int, ``is_deleted`` a 0/1 int. A record whose value
+is None (a Kafka tombstone) carries no row."""

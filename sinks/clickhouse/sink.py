@@ -7,6 +7,16 @@ Per (topic, partition) the sink buffers rows and inserts them when the buffer ho
 refused by ClickHouse rather than duplicated. When ClickHouse is down or erroring, the sink
 pauses its partitions, keeps its group membership, retries with backoff and commits nothing
 until the insert succeeds.
+
+Routes: ``events_enriched`` → ``events``, ``ingestion_warnings`` → ``ingestion_warnings``,
+``events_dead_letter`` → ``events_dead_letter``, and the compacted identity topics ``persons`` →
+``persons`` and ``person_distinct_ids`` → ``person_distinct_ids`` (whose materialized view feeds
+``person_overrides``). A row function returns ``None`` for a message that carries no row: a Kafka
+tombstone (value None) on the identity topics, which is what compaction needs, not an error. Its
+offset still counts in its partition's batch, so a partition holding only tombstones commits too.
+A message of our own topics that cannot become a row (bad JSON, missing key, wrong type) is kept
+as a dead letter rather than dropped; the identity rows are type-checked before insertion, so one
+bad value cannot fail every retry of its batch.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +34,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from headwater.rows import EVENT_COLUMNS, WARNING_COLUMNS
+from headwater.rows import DISTINCT_ID_COLUMNS, EVENT_COLUMNS, PERSON_COLUMNS, WARNING_COLUMNS
 from headwater.settings import Settings
 from headwater.topics import TopicNames
 
@@ -50,6 +61,68 @@ def event_row(message: Message) -> list[Any]:
 def warning_row(message: Message) -> list[Any]:
     row = orjson.loads(message.value())
     return [row[c] for c in WARNING_COLUMNS]
+
+
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def _int64(row: dict[str, Any], column: str) -> int:
+    value = row[column]
+    if type(value) is not int:  # bool and float are refused too
+        raise TypeError(f"{column} must be an int, not {type(value).__name__}")
+    if value not in _INT64:
+        raise ValueError(f"{column} is out of the Int64 range: {value}")
+    return value
+
+
+def _flag(row: dict[str, Any], column: str) -> int:
+    value = row[column]
+    if type(value) is not int or value not in (0, 1):
+        raise ValueError(f"{column} must be 0 or 1, not {value!r}")
+    return value
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise TypeError(f"{column} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _uuid(row: dict[str, Any], column: str) -> str:
+    return str(uuid.UUID(_text(row, column)))  # ValueError if it is not a UUID
+
+
+def person_row(message: Message) -> list[Any] | None:
+    """A ``persons`` value as a row in PERSON_COLUMNS order; None for a tombstone (no row)."""
+    value = message.value()
+    if value is None:
+        return None
+    row = orjson.loads(value)
+    return [
+        _uuid(row, "id"),
+        _int64(row, "team_id"),
+        _text(row, "properties"),
+        _flag(row, "is_identified"),
+        _int64(row, "created_at"),  # µs since the epoch = DateTime64(6) ticks
+        _int64(row, "version"),
+        _flag(row, "is_deleted"),
+    ]
+
+
+def distinct_id_row(message: Message) -> list[Any] | None:
+    """A ``person_distinct_ids`` value as a row in DISTINCT_ID_COLUMNS order; None for a tombstone."""
+    value = message.value()
+    if value is None:
+        return None
+    row = orjson.loads(value)
+    return [
+        _int64(row, "team_id"),
+        _text(row, "distinct_id"),
+        _uuid(row, "person_id"),
+        _int64(row, "version"),
+        _flag(row, "is_deleted"),
+    ]
 
 
 def unreadable_row(message: Message, error: Exception) -> list[Any]:
@@ -94,7 +167,7 @@ def dead_letter_row(message: Message) -> list[Any]:
 class TableRoute:
     table: str
     columns: tuple[str, ...]
-    to_row: Callable[[Message], list[Any]]
+    to_row: Callable[[Message], list[Any] | None]  # None: the message carries no row (a tombstone)
 
 
 @dataclass
@@ -116,6 +189,8 @@ class ClickHouseSink:
             topics.events_enriched: TableRoute(f"{db}.events", EVENT_COLUMNS, event_row),
             topics.ingestion_warnings: TableRoute(f"{db}.ingestion_warnings", WARNING_COLUMNS, warning_row),
             topics.events_dead_letter: TableRoute(f"{db}.events_dead_letter", DEAD_LETTER_COLUMNS, dead_letter_row),
+            topics.persons: TableRoute(f"{db}.persons", PERSON_COLUMNS, person_row),
+            topics.person_distinct_ids: TableRoute(f"{db}.person_distinct_ids", DISTINCT_ID_COLUMNS, distinct_id_row),
         }
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{"client.id": f"sink-{worker_id}"}))
@@ -152,13 +227,16 @@ class ClickHouseSink:
         if buffer.first_offset < 0:
             buffer.first_offset = message.offset()
             buffer.opened = time.monotonic()
-        buffer.last_offset = message.offset()
+        buffer.last_offset = message.offset()  # rowless messages (tombstones) are committed with the batch
         try:
-            buffer.rows.append(self.routes[message.topic()].to_row(message))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            row = self.routes[message.topic()].to_row(message)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError includes JSONDecodeError
             # Our own processors wrote this topic, so this is a bug upstream: keep it as a dead letter.
             log.error("sink: unreadable row at %s[%s]@%s: %r", *key, message.offset(), exc)
             self.unreadable.append(unreadable_row(message, exc))
+            return
+        if row is not None:
+            buffer.rows.append(row)
 
     def _flush(self, *, force: bool, stop: threading.Event) -> None:
         if self.unreadable:
