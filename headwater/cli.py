@@ -191,6 +191,7 @@ def worker(
     from processors.identity.pipeline import IdentityPipeline
     from processors.runtime import StageRunner
 
+    from .kafka_admin import co_partitioned_count
     from .topics import TopicNames
 
     _logging(verbose)
@@ -199,8 +200,11 @@ def worker(
         typer.echo(f"unknown stage {stage!r}; stages: identity", err=True)
         raise typer.Exit(2)
     names = TopicNames(settings.topic_prefix)
-    pipeline = IdentityPipeline(names, settings.team_by_token)
-    runner = StageRunner(settings, name=stage, input_topics=[names.events_raw], stage=pipeline, worker_id=worker_id)
+    inputs = [names.events_raw, names.identity_inbox]
+    partitions = co_partitioned_count(settings, [*inputs, names.identity_changelog])
+    pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes)
+    runner = StageRunner(settings, name=stage, input_topics=inputs, stage=pipeline,
+                         changelog_topic=names.identity_changelog, worker_id=worker_id)
     runner.run(_stop_event())
 
 

@@ -77,3 +77,19 @@ def describe_cleanup_policy(settings: Settings, topic: str, timeout: float = 10.
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
     entry = admin.describe_configs([resource])[resource].result(timeout).get("cleanup.policy")
     return entry.value if entry else None
+
+
+def co_partitioned_count(settings: Settings, topics: list[str], timeout: float = 30.0) -> int:
+    """The partition count shared by ``topics`` (a stateful stage's inputs and changelog must
+    have equal counts: partition *p* of each is one unit of state). Raises with the counts if not."""
+    admin = AdminClient(settings.kafka_config())
+    metadata = admin.list_topics(timeout=timeout)
+    counts = {}
+    for topic in topics:
+        meta = metadata.topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise RuntimeError(f"topic {topic} does not exist; run `headwater topics` first")
+        counts[topic] = len(meta.partitions)
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"these topics must have the same number of partitions: {counts}")
+    return next(iter(counts.values()))

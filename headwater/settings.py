@@ -31,6 +31,9 @@ def parse_teams(spec: str) -> dict[str, int]:
             raise ValueError(f"HEADWATER_TEAMS entry {item!r} is not 'token:team_id'")
         if token in teams:
             raise ValueError(f"HEADWATER_TEAMS names token {token!r} twice")
+        if int(team) in teams.values():
+            # one token per team, as in PostHog: identity state is homed by "token:distinct_id"
+            raise ValueError(f"HEADWATER_TEAMS gives team {int(team)} a second token {token!r}")
         teams[token] = int(team)
     if not teams:
         raise ValueError("HEADWATER_TEAMS names no team")

@@ -47,6 +47,10 @@ INGESTION_WARNINGS = TopicSpec(
     "ingestion_warnings", "team_id", "{type, team_id, event_uuid, distinct_id, details, timestamp}", False
 )
 
+# Internal topics of the identity stage (ADR 0001): same partition count as events_raw.
+IDENTITY_INBOX = TopicSpec("identity_inbox", "team_id:message kind", "identity protocol messages, explicit partition", False)
+IDENTITY_CHANGELOG = TopicSpec("identity_changelog", "state key", "identity state records (JSON; null deletes)", True)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     EVENTS_RAW,
     EVENTS_ENRICHED,
@@ -56,6 +60,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     GROUP_TYPES,
     EVENTS_DEAD_LETTER,
     INGESTION_WARNINGS,
+    IDENTITY_INBOX,
+    IDENTITY_CHANGELOG,
 )
 
 

@@ -25,10 +25,14 @@ class SourceMessage(Protocol):
 
 
 class Record(NamedTuple):
+    """One message to send. ``value`` None is a tombstone; ``partition`` None lets the producer's
+    partitioner (murmur2) place it by key."""
+
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes]] | None = None
+    partition: int | None = None
 
 
 def dead_letter(message: SourceMessage, *, dlq_topic: str, stage: str, reason: str, detail: str = "") -> Record:

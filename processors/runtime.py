@@ -1,13 +1,17 @@
-"""The stage runtime: consume a batch, run the stage's pipeline, produce its records and commit
-the input offsets in one Kafka transaction (exactly-once from input topic to output topics).
+"""The stage runtime: consume a batch, run the stage per partition, and commit each partition's
+outputs, state changes (changelog records) and input offsets in one Kafka transaction.
 
-A stage is anything with ``process_batch(messages) -> list[Record]``. The runtime owns every
-Kafka call; stages stay pure. Decisions (docs/adr/0002-stage-runtime.md):
+A stage is anything with ``process_partition(partition, messages, state) -> list[Record]``; it
+receives the messages of every input topic for that partition number (input topics have equal
+partition counts and are co-assigned by the range assignor). The runtime owns every Kafka call;
+stages stay pure. Decisions (docs/adr/0002-stage-runtime.md, docs/adr/0001-identity.md):
 - confluent-kafka (librdkafka) rather than Faust/aiokafka, for throughput per core;
-- one transaction per batch: outputs and the consumer offsets commit together, so a crash
-  anywhere leaves either the whole batch or none of it visible to ``read_committed`` readers;
-- a stable ``transactional.id`` per (stage, worker id): a restarted worker fences its previous
-  incarnation and aborts its open transaction at once, instead of blocking readers until a timeout.
+- one transactional producer per partition, ``transactional.id = {group}-p{partition}``: whoever
+  takes a partition over (after a rebalance, a crash, a restart) fences the previous owner and
+  aborts its open transaction at once, instead of blocking readers until a timeout;
+- state changes are applied to the local store only after the transaction commits; a new owner
+  restores a partition's state from the changelog up to a marker it wrote itself (Tansu's end
+  offsets cannot be trusted, ADR 0002).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -23,12 +29,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from headwater.settings import Settings
 
 from .outputs import Record
+from .state import RESTORE_MARKER_KEY, PartitionState
 
 log = logging.getLogger(__name__)
 
 
 class Stage(Protocol):
-    def process_batch(self, messages: Sequence[Message]) -> list[Record]: ...
+    def process_partition(self, partition: int, messages: Sequence[Message], state: PartitionState) -> list[Record]: ...
+
+
+@dataclass
+class _Task:
+    """What this worker holds for one partition number."""
+
+    producer: Producer
+    state: PartitionState = field(default_factory=PartitionState)
 
 
 class StageRunner:
@@ -41,6 +56,7 @@ class StageRunner:
         name: str,
         input_topics: list[str],
         stage: Stage,
+        changelog_topic: str | None = None,
         worker_id: str = "0",
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -48,38 +64,32 @@ class StageRunner:
         self.name = name
         self.stage = stage
         self.input_topics = input_topics
+        self.changelog_topic = changelog_topic
+        self.worker_id = worker_id
         self.group_id = f"{settings.topic_prefix}headwater-{name}"
         self.on_batch = on_batch
         self.consumed = 0
         self.produced = 0
-        self.consumer = Consumer(settings.consumer_config(self.group_id))
-        self.producer = Producer(
-            settings.kafka_config(
-                **{
-                    "transactional.id": f"{self.group_id}-{worker_id}",
-                    "transaction.timeout.ms": 30_000,
-                    "linger.ms": 5,
-                    "compression.type": "lz4",
-                    "partitioner": "murmur2_random",  # Java's default: keys land where any client puts them
-                    "message.max.bytes": settings.max_message_bytes + 65_536,
-                }
-            )
-        )
+        self.restored = 0
+        self.tasks: dict[int, _Task] = {}
+        self.consumer = Consumer(settings.consumer_config(
+            self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}"}))
 
     def run(self, stop: threading.Event) -> None:
-        self.producer.init_transactions(30)
-        self.consumer.subscribe(self.input_topics, on_revoke=self._on_revoke)
+        self.consumer.subscribe(self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("%s: consuming %s as group %s", self.name, ",".join(self.input_topics), self.group_id)
         batch_size = self.settings.processor_batch_size
         timeout = self.settings.processor_batch_ms / 1000
         try:
             while not stop.is_set():
                 messages = self.consumer.consume(batch_size, timeout)
-                if not messages:
-                    continue
-                good = [m for m in messages if not self._is_error(m)]
-                if good:
-                    self._process_in_transaction(good)
+                by_partition: dict[int, list[Message]] = {}
+                for m in messages:
+                    if not self._is_error(m):
+                        by_partition.setdefault(m.partition(), []).append(m)
+                for partition, batch in sorted(by_partition.items()):
+                    if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
+                        self._process_in_transaction(partition, batch)
         finally:
             self.close()
 
@@ -88,9 +98,83 @@ class StageRunner:
             self.consumer.close()
         except RuntimeError:
             pass  # already closed
-        self.producer.flush(10)
+        for task in self.tasks.values():
+            task.producer.flush(10)
+        self.tasks.clear()
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- partitions -----------------------------------------------------------------------------
+    def _producer(self, partition: int) -> Producer:
+        return Producer(self.settings.kafka_config(**{
+            "transactional.id": f"{self.group_id}-p{partition}",
+            "transaction.timeout.ms": 30_000,
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "partitioner": "murmur2_random",  # Java's default: keys land where any client puts them
+            "message.max.bytes": self.settings.max_message_bytes + 65_536,
+            "client.id": f"{self.name}-{self.worker_id}-p{partition}",
+        }))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = sorted({tp.partition for tp in partitions})
+        log.info("%s: assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
+        for number in numbers:
+            if number in self.tasks:
+                continue
+            producer = self._producer(number)
+            producer.init_transactions(30)  # fences the previous owner, aborts its open transaction
+            task = _Task(producer)
+            if self.changelog_topic:
+                self._restore(number, task)
+            self.tasks[number] = task
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s: revoked %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
+        for number in {tp.partition for tp in partitions}:
+            task = self.tasks.pop(number, None)
+            if task is not None:
+                task.producer.flush(10)
+
+    def _restore(self, partition: int, task: _Task) -> None:
+        """Rebuild the partition's state from its changelog, up to a marker written now: every
+        committed record before it is applied, whatever the broker says the end offset is."""
+        assert self.changelog_topic is not None
+        started = time.monotonic()
+        marker: list[int] = []
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                marker.append(msg.offset())
+
+        token = uuid.uuid4().hex.encode()
+        task.producer.begin_transaction()
+        task.producer.produce(self.changelog_topic, token, RESTORE_MARKER_KEY, partition=partition, on_delivery=delivered)
+        task.producer.commit_transaction(30)
+        if not marker:
+            raise RuntimeError(f"{self.name}: could not write the restore marker to {self.changelog_topic}[{partition}]")
+        reader = Consumer(self.settings.kafka_config(**{
+            "group.id": f"{self.group_id}-restore", "enable.auto.commit": False,
+            "isolation.level": "read_committed", "enable.partition.eof": False}))
+        reader.assign([TopicPartition(self.changelog_topic, partition, OFFSET_BEGINNING)])
+        records = 0
+        try:
+            done = False
+            while not done:
+                for m in reader.consume(10_000, 1.0):
+                    if m.error() is not None:
+                        continue
+                    if m.offset() >= marker[0]:
+                        done = True
+                        break
+                    if m.key() != RESTORE_MARKER_KEY:
+                        task.state.restore(m.key(), m.value())
+                        records += 1
+        finally:
+            reader.close()
+        self.restored += records
+        log.info("%s: restored partition %d from %d changelog records in %.2fs", self.name, partition, records,
+                 time.monotonic() - started)
+
+    # -- batches --------------------------------------------------------------------------------
     def _is_error(self, message: Message) -> bool:
         error = message.error()
         if error is None:
@@ -102,45 +186,59 @@ class StageRunner:
         log.warning("%s: consumer error: %s", self.name, error)
         return True
 
-    def _process_in_transaction(self, messages: list[Message]) -> None:
-        records = self.stage.process_batch(messages)
+    def _process_in_transaction(self, partition: int, messages: list[Message]) -> None:
+        task = self.tasks[partition]
+        records = self.stage.process_partition(partition, messages, task.state)
+        changelog = task.state.pending() if self.changelog_topic else []
         offsets: dict[tuple[str, int], int] = {}
         for m in messages:
             offsets[(m.topic(), m.partition())] = m.offset() + 1
+        producer = task.producer
         try:
-            self.producer.begin_transaction()
-            produce = self.producer.produce
+            producer.begin_transaction()
             for record in records:
-                while True:
-                    try:
-                        produce(record.topic, record.value, record.key, headers=record.headers)
-                        break
-                    except BufferError:
-                        self.producer.poll(0.05)
-            self.producer.send_offsets_to_transaction(
+                self._produce(producer, record.topic, record.key, record.value, record.headers, record.partition)
+            for key, value in changelog:
+                self._produce(producer, self.changelog_topic, key, value, None, partition)
+            producer.send_offsets_to_transaction(
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),
             )
-            self.producer.commit_transaction()
+            producer.commit_transaction()
         except KafkaException as exc:
-            self._recover(exc, offsets)
+            task.state.rollback()
+            self._recover(partition, exc, offsets)
             return
+        task.state.commit(changelog)
         self.consumed += len(messages)
         self.produced += len(records)
         if self.on_batch:
             self.on_batch(len(messages), len(records))
 
-    def _recover(self, exc: KafkaException, offsets: dict[tuple[str, int], int]) -> None:
+    @staticmethod
+    def _produce(producer: Producer, topic, key, value, headers, partition: int | None) -> None:
+        while True:
+            try:
+                if partition is None:
+                    producer.produce(topic, value, key, headers=headers)
+                else:
+                    producer.produce(topic, value, key, partition=partition, headers=headers)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    def _recover(self, partition: int, exc: KafkaException, offsets: dict[tuple[str, int], int]) -> None:
         error = exc.args[0]
-        if getattr(error, "txn_requires_abort", lambda: False)():
-            log.warning("%s: transaction aborted (%s); the batch will be read again", self.name, error)
-            self.producer.abort_transaction()
-            self._rewind(offsets)
+        task = self.tasks[partition]
+        if getattr(error, "fatal", lambda: False)():
+            # fenced: another worker owns this partition now; forget it until a rebalance says otherwise
+            log.warning("%s: partition %d lost (%s); waiting for the rebalance", self.name, partition, error)
+            self.tasks.pop(partition, None)
             return
-        if getattr(error, "retriable", lambda: False)():
-            log.warning("%s: retriable error committing the batch (%s); reading it again", self.name, error)
+        if getattr(error, "txn_requires_abort", lambda: False)() or getattr(error, "retriable", lambda: False)():
+            log.warning("%s: transaction of partition %d aborted (%s); the batch will be read again", self.name, partition, error)
             time.sleep(0.2)
-            self.producer.abort_transaction()
+            task.producer.abort_transaction()
             self._rewind(offsets)
             return
         raise exc
@@ -154,6 +252,3 @@ class StageRunner:
         for tp in self.consumer.committed(wanted, timeout=10):
             tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(tp)
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("%s: partitions revoked: %s", self.name, [(p.topic, p.partition) for p in partitions])

@@ -1,91 +1,458 @@
-"""The identity stage, step by step: parse → resolve_person → to_event_row.
+"""The identity stage (ADR 0001): person state at distinct-id homes, merges serialized per team.
 
-``IdentityPipeline.process_batch`` takes a batch of ``events_raw`` messages and returns the
-records to send (event rows, warnings, dead letters) in input order. It never raises for one
-bad message: an unexpected error becomes a dead letter ``processing_error``.
+``IdentityPipeline.process_partition(partition, messages, state)`` takes one partition's batch
+(``events_raw`` and ``identity_inbox`` messages of that partition) and returns the records to
+send: event rows, person and distinct-id rows, warnings, dead letters, and inbox messages for
+other partitions. Messages for this partition are handled at once through a FIFO work queue, so
+every (sender, receiver) link stays FIFO. One bad message never stops the partition: its state
+writes are rolled back and it becomes a dead letter ``processing_error``.
+
+The steps, in order, for an event at its distinct id's home (``_on_event``):
+parse → (held? queue) → decide person processing → normalize → merge request, or personless
+use, or create / apply at the person's home. Merge messages: ``merge`` → merger → ``resolve``
+(both dids) → ``resolve_p`` (their persons) → ``resolved`` → one of ``create``, ``add``,
+``identify``, ``give``→``take`` → ``done`` → ``release`` (both dids).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
 
 import orjson
 
-from headwater.outcomes import DeadLetter, Drop
+from headwater.outcomes import DeadLetter, Drop, Warn
 from headwater.topics import TopicNames
-from headwater.wire import partition_key
 
 from ..outputs import Record, SourceMessage, dead_letter, warning_record
-from .steps.parse import parse_raw_event
-from .steps.person import resolve_person
+from ..state import PartitionState
+from .homes import Homes
+from .rules import (
+    PERSONLESS_DISALLOWED_EVENTS,
+    decide_process_person,
+    illegal_merge,
+    merge_other_distinct_id,
+    normalize_properties,
+    person_uuid,
+)
+from .steps import persons
+from .steps.parse import ParsedEvent, parse_raw_event
+from .steps.persons import PERSONLESS_CREATED_AT_US, Changes, EventPerson
 from .steps.row import to_event_row
 
 STAGE = "identity"
 log = logging.getLogger(__name__)
 
 
-class IdentityPipeline:
-    def __init__(self, topics: TopicNames, teams: dict[str, int]) -> None:
-        self.topics = topics
-        self.teams = teams
-        self.counts: dict[str, int] = {"ok": 0, "dead_letter": 0, "dropped": 0, "warnings": 0}
+def event_doc(event: ParsedEvent, source: str) -> dict[str, Any]:
+    """The event as it travels between partitions and waits in queues (short keys: it is stored)."""
+    return {"u": event.uuid, "t": event.team_id, "d": event.distinct_id, "e": event.event,
+            "ts": event.timestamp_us, "now": event.now_us, "p": event.properties, "src": source}
 
-    def process_batch(self, messages: Sequence[SourceMessage]) -> list[Record]:
-        out: list[Record] = []
+
+def did_key(team: int, did: str) -> str:
+    return f"d:{team}:{did}"
+
+
+def person_key(team: int, root: str) -> str:
+    return f"p:{team}:{root}"
+
+
+def merger_key(team: int) -> str:
+    return f"m:{team}"
+
+
+class IdentityPipeline:
+    def __init__(self, topics: TopicNames, teams: dict[str, int], partitions: int,
+                 max_message_bytes: int = 1_000_000) -> None:
+        self.topics = topics
+        self.max_message_bytes = max_message_bytes
+        self.teams = teams
+        self.homes = Homes({team: token for token, team in teams.items()}, partitions)
+        self.counts: dict[str, int] = {"ok": 0, "dead_letter": 0, "dropped": 0, "warnings": 0, "merges": 0}
+
+    def process_partition(self, partition: int, messages: Sequence[SourceMessage], state: PartitionState) -> list[Record]:
+        run = _PartitionRun(self, partition, state)
         for message in messages:
+            savepoint, emitted = state.savepoint(), len(run.out)
             try:
-                self._process_one(message, out)
+                run.message(message)
             except Exception as exc:  # a bug must not stop the partition: dead-letter and go on
                 log.exception("identity: unexpected error at %s[%s]@%s", message.topic(), message.partition(), message.offset())
-                out.append(self._dead(message, "processing_error", repr(exc)[:300]))
-        return out
+                state.rollback_to(savepoint)
+                del run.out[emitted:]
+                run.work.clear()
+                self.counts["dead_letter"] += 1
+                run.out.append(dead_letter(message, dlq_topic=self.topics.events_dead_letter, stage=STAGE,
+                                           reason="processing_error", detail=repr(exc)[:300]))
+        return run.out
 
-    def _dead(self, message: SourceMessage, reason: str, detail: str = "") -> Record:
-        self.counts["dead_letter"] += 1
-        return dead_letter(message, dlq_topic=self.topics.events_dead_letter, stage=STAGE, reason=reason, detail=detail)
 
-    def _process_one(self, message: SourceMessage, out: list[Record]) -> None:
-        outcome = parse_raw_event(
-            message.value(),
-            self.teams,
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
-            broker_timestamp_ms=message.timestamp()[1],
-        )
+class _PartitionRun:
+    """One batch of one partition: the state, the outputs, the local work queue."""
+
+    def __init__(self, pipeline: IdentityPipeline, partition: int, state: PartitionState) -> None:
+        self.pipeline = pipeline
+        self.topics = pipeline.topics
+        self.homes = pipeline.homes
+        self.counts = pipeline.counts
+        self.partition = partition
+        self.state = state
+        self.out: list[Record] = []
+        self.work: deque[dict[str, Any]] = deque()
+
+    # -- transport ------------------------------------------------------------------------------
+    def message(self, message: SourceMessage) -> None:
+        if message.topic() == self.topics.events_raw:
+            self._raw(message)
+        else:
+            self._handle(orjson.loads(message.value() or b"{}"))
+        while self.work:
+            self._handle(self.work.popleft())
+
+    def send(self, partition: int, msg: dict[str, Any]) -> None:
+        if partition == self.partition:
+            self.work.append(msg)
+        else:
+            key = f"{msg.get('t', '')}:{msg['k']}".encode()
+            self.out.append(Record(self.topics.identity_inbox, key, orjson.dumps(msg), partition=partition))
+
+    def to_did(self, team: int, did: str, msg: dict[str, Any]) -> None:
+        self.send(self.homes.of(team, did), msg)
+
+    def to_merger(self, team: int, msg: dict[str, Any]) -> None:
+        self.send(self.homes.merger(team), msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        getattr(self, "_on_" + msg["k"])(msg)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def warn(self, warning: Warn, ev: dict[str, Any]) -> None:
+        self.counts["warnings"] += 1
+        self.out.append(warning_record(warning, topic=self.topics.ingestion_warnings, team_id=ev["t"],
+                                       event_uuid=ev["u"], distinct_id=ev["d"], timestamp_us=ev["now"]))
+
+    def emit_event(self, ev: dict[str, Any], person: EventPerson) -> None:
+        key = f"{ev['t']}:{ev['d']}".encode()
+        value = orjson.dumps(to_event_row(ev, person))
+        limit = self.pipeline.max_message_bytes
+        if len(value) > limit and person.properties:
+            # the person's properties beside the event's own overflow one message: keep the event
+            self.warn(Warn("person_properties_dropped_from_event", {"eventUuid": ev["u"], "rowBytes": len(value)}), ev)
+            value = orjson.dumps(to_event_row(ev, EventPerson(person.person_id, {}, person.created_at_us)))
+        if len(value) > limit:
+            self.counts["dead_letter"] += 1
+            headers = [("dlq_reason", b"event_row_too_large"), ("dlq_stage", STAGE.encode()),
+                       ("dlq_detail", f"row of {len(value)} bytes; properties left out here".encode())]
+            self.out.append(Record(self.topics.events_dead_letter, key, orjson.dumps({**ev, "p": {}}), headers))
+            return
+        self.counts["ok"] += 1
+        self.out.append(Record(self.topics.events_enriched, key, value))
+
+    def publish(self, team: int, changes: Changes, ev: dict[str, Any]) -> None:
+        for person in changes.persons:
+            self.out.append(self._person_record(team, person, deleted=False))
+        for person in changes.deleted:
+            self.out.append(self._person_record(team, person, deleted=True))
+            self.out.append(Record(self.topics.persons, f"{team}:{person['id']}".encode(), None))  # tombstone
+        for did, person_id, version in changes.distinct_ids:
+            row = {"team_id": team, "distinct_id": did, "person_id": person_id, "version": version, "is_deleted": 0}
+            self.out.append(Record(self.topics.person_distinct_ids, f"{team}:{did}".encode(), orjson.dumps(row)))
+        for warning in changes.warnings:
+            self.warn(warning, ev)
+
+    def _person_record(self, team: int, person: dict[str, Any], *, deleted: bool) -> Record:
+        row = {"id": person["id"], "team_id": team, "properties": orjson.dumps(person["props"]).decode(),
+               "is_identified": int(person["ident"]), "created_at": person["created"], "version": person["v"],
+               "is_deleted": int(deleted)}
+        return Record(self.topics.persons, f"{team}:{person['id']}".encode(), orjson.dumps(row))
+
+    # -- events_raw -----------------------------------------------------------------------------
+    def _raw(self, message: SourceMessage) -> None:
+        outcome = parse_raw_event(message.value(), self.pipeline.teams, topic=message.topic() or "",
+                                  partition=message.partition() or 0, offset=message.offset() or 0,
+                                  broker_timestamp_ms=message.timestamp()[1])
         if isinstance(outcome, DeadLetter):
-            out.append(self._dead(message, outcome.reason, outcome.detail))
+            self.counts["dead_letter"] += 1
+            self.out.append(dead_letter(message, dlq_topic=self.topics.events_dead_letter, stage=STAGE,
+                                        reason=outcome.reason, detail=outcome.detail))
             return
         if isinstance(outcome, Drop):
             self.counts["dropped"] += 1
-            self.counts["warnings"] += 1
             doc = orjson.loads(message.value() or b"{}")
-            out.append(
-                warning_record(
-                    outcome.warning,
-                    topic=self.topics.ingestion_warnings,
-                    team_id=self.teams.get(doc.get("token") or "", 0),
-                    event_uuid=str(outcome.warning.details.get("event_uuid", "")),
-                    distinct_id=str(doc.get("distinct_id", ""))[:400],
-                    timestamp_us=message.timestamp()[1] * 1000,
-                )
-            )
+            self.warn(outcome.warning, {"t": self.pipeline.teams.get(doc.get("token") or "", 0),
+                                        "u": str(outcome.warning.details.get("event_uuid", "")),
+                                        "d": str(doc.get("distinct_id", ""))[:400], "now": message.timestamp()[1] * 1000})
             return
-        event = outcome.value
+        ev = event_doc(outcome.value, f"{message.topic()}:{message.partition()}:{message.offset()}")
         for warning in outcome.warnings:
-            self.counts["warnings"] += 1
-            out.append(
-                warning_record(
-                    warning,
-                    topic=self.topics.ingestion_warnings,
-                    team_id=event.team_id,
-                    event_uuid=event.uuid,
-                    distinct_id=event.distinct_id,
-                    timestamp_us=event.now_us,
-                )
-            )
-        row = to_event_row(event, resolve_person(event))
-        key = partition_key(event.team_id, event.distinct_id).encode()
-        out.append(Record(self.topics.events_enriched, key, orjson.dumps(row)))
-        self.counts["ok"] += 1
+            self.warn(warning, ev)
+        # a producer with another partitioner put it off its home: forward it there
+        self.to_did(ev["t"], ev["d"], {"k": "event", "t": ev["t"], "ev": ev})
+
+    # -- at a distinct id's home ----------------------------------------------------------------
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        ev = msg["ev"]
+        team, did = ev["t"], ev["d"]
+        key = did_key(team, did)
+        rec = self.state.get(key) or {}
+        if rec.get("h"):  # a merge holds this distinct id: keep the order, wait for its release
+            rec.setdefault("q", []).append(ev)
+            self.state.put(key, rec)
+            return
+        props = ev["p"]
+        process, by_property, warning = decide_process_person(props)
+        if warning is not None:
+            self.warn(Warn("invalid_process_person_profile", warning), ev)
+        if not process and by_property and ev["e"] in PERSONLESS_DISALLOWED_EVENTS:
+            self.counts["dropped"] += 1
+            self.warn(Warn("invalid_event_when_process_person_profile_is_false",
+                           {"eventUuid": ev["u"], "event": ev["e"], "distinctId": did}), ev)
+            return
+        normalize_properties(ev["e"], props, process, datetime.fromtimestamp(ev["ts"] / 1e6, timezone.utc))
+        if not process:
+            if rec.get("r") is None:
+                if not rec.get("pl"):
+                    self.state.put(key, {**rec, "pl": 1})
+                self.emit_event(ev, EventPerson(person_uuid(team, did), {}, PERSONLESS_CREATED_AT_US))
+            else:
+                self.to_person(team, rec["r"], {"k": "apply", "t": team, "root": rec["r"], "mode": "personless", "ev": ev})
+            return
+        other = merge_other_distinct_id(ev["e"], props)
+        if other is not None and other != did:
+            illegal = illegal_merge(did, other)
+            if illegal is None:
+                mid = ev["src"]
+                self.state.put(key, {**rec, "h": [mid]})
+                self.to_merger(team, {"k": "merge", "t": team, "mid": mid, "into": did, "other": other, "ev": ev})
+                return
+            self.warn(Warn("cannot_merge_with_illegal_distinct_id", {**illegal, "eventUuid": ev["u"]}), ev)
+        if rec.get("r") is None:
+            changes = Changes()
+            person = persons.create(ev, [(did, 0)], identified=False, changes=changes)
+            self.publish(team, changes, ev)
+            if person is None:  # refused by the size cap: the event keeps the deterministic id
+                self.emit_event(ev, EventPerson(person_uuid(team, did), dict(props.get("$set") or {}), 0))
+                return
+            self.state.put(person_key(team, did), person)
+            self.state.put(key, {**rec, "r": did})
+            self.emit_event(ev, persons.event_person(person, ev))
+            return
+        self.to_person(team, rec["r"], {"k": "apply", "t": team, "root": rec["r"], "mode": "full", "ev": ev})
+
+    def _on_resolve(self, msg: dict[str, Any]) -> None:
+        """The merger asks for a did: hold it (events queue) and answer through its person."""
+        team, did, mid = msg["t"], msg["did"], msg["mid"]
+        key = did_key(team, did)
+        rec = self.state.get(key) or {}
+        holds = rec.get("h", [])
+        if mid not in holds:
+            rec["h"] = holds + [mid]
+        self.state.put(key, rec)
+        if rec.get("r") is None:
+            self.to_merger(team, {"k": "resolved", "t": team, "mid": mid, "did": did, "info": {"pl": bool(rec.get("pl"))}})
+        else:
+            self.to_person(team, rec["r"], {"k": "resolve_p", "t": team, "mid": mid, "did": did, "root": rec["r"]})
+
+    def _on_release(self, msg: dict[str, Any]) -> None:
+        team, did = msg["t"], msg["did"]
+        key = did_key(team, did)
+        rec = self.state.get(key) or {}
+        rec["h"] = [h for h in rec.get("h", []) if h != msg["mid"]]
+        if msg.get("root") is not None:
+            rec["r"] = msg["root"]
+        if msg.get("pl"):
+            rec["pl"] = 1
+        queued = rec.pop("q", []) if not rec["h"] else []
+        if not rec["h"]:
+            del rec["h"]
+        self.state.put(key, rec)
+        for ev in queued:  # in order; a merge event among them holds the did again, the rest re-queue
+            self._on_event({"k": "event", "ev": ev})
+
+    # -- at a person's home ---------------------------------------------------------------------
+    def to_person(self, team: int, root: str, msg: dict[str, Any]) -> None:
+        self.to_did(team, root, msg)
+
+    def _live_person(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """The person ``msg['root']`` names, or None after forwarding ``msg`` to where it went."""
+        team, root = msg["t"], msg["root"]
+        person = self.state.get(person_key(team, root))
+        if person is None:
+            raise LookupError(f"no person {root!r} of team {team} at partition {self.partition}")
+        if "fwd" in person:
+            self.to_person(team, person["fwd"], {**msg, "root": person["fwd"]})
+            return None
+        return person
+
+    def _on_apply(self, msg: dict[str, Any]) -> None:
+        person = self._live_person(msg)
+        if person is None:
+            return
+        team, ev = msg["t"], msg["ev"]
+        if msg["mode"] == "personless":
+            view, _mode = persons.personless_use(person, ev)
+            self.emit_event(ev, view)
+            return
+        changes = Changes()
+        updated = persons.update(person, ev, mark_identified=False, changes=changes)
+        if updated is not person:
+            self.state.put(person_key(team, msg["root"]), updated)
+        self.publish(team, changes, ev)
+        self.emit_event(ev, persons.event_person(updated, ev))
+
+    def _on_resolve_p(self, msg: dict[str, Any]) -> None:
+        person = self._live_person(msg)
+        if person is None:
+            return
+        info = {"root": msg["root"], "ident": person["ident"]}
+        self.to_merger(msg["t"], {"k": "resolved", "t": msg["t"], "mid": msg["mid"], "did": msg["did"], "info": info})
+
+    def _done(self, msg: dict[str, Any], root: str | None) -> None:
+        self.to_merger(msg["t"], {"k": "done", "t": msg["t"], "mid": msg["mid"], "root": root})
+
+    def _on_create(self, msg: dict[str, Any]) -> None:
+        """§1.2 neither exists: one identified person with both ids, at the first id's home."""
+        team, ev = msg["t"], msg["ev"]
+        changes = Changes()
+        ids = [(did, version) for did, version in msg["ids"]]
+        person = persons.create(ev, ids, identified=True, changes=changes)
+        self.publish(team, changes, ev)
+        if person is None:
+            self.emit_event(ev, EventPerson(person_uuid(team, ev["d"]), dict(ev["p"].get("$set") or {}), 0))
+            self._done(msg, None)
+            return
+        self.state.put(person_key(team, ids[0][0]), person)
+        self.emit_event(ev, persons.event_person(person, ev))
+        self._done(msg, ids[0][0])
+
+    def _on_add(self, msg: dict[str, Any]) -> None:
+        """§1.2 exactly one exists: the missing id joins the person, then the identified update."""
+        person = self._live_person(msg)
+        if person is None:
+            return
+        team, ev = msg["t"], msg["ev"]
+        changes = Changes()
+        person = persons.add_distinct_id(person, msg["did"], msg["version"], changes)
+        person = persons.update(person, ev, mark_identified=True, changes=changes)
+        self.state.put(person_key(team, msg["root"]), person)
+        self.publish(team, changes, ev)
+        self.emit_event(ev, persons.event_person(person, ev))
+        self._done(msg, msg["root"])
+
+    def _on_identify(self, msg: dict[str, Any]) -> None:
+        """§1.2 same person, or §1.3 refused merge: the target gets the event and is identified."""
+        person = self._live_person(msg)
+        if person is None:
+            return
+        team, ev = msg["t"], msg["ev"]
+        changes = Changes()
+        updated = persons.update(person, ev, mark_identified=True, changes=changes)
+        if updated is not person:
+            self.state.put(person_key(team, msg["root"]), updated)
+        self.publish(team, changes, ev)
+        self.emit_event(ev, persons.event_person(updated, ev))
+        self._done(msg, msg["root"])
+
+    def _on_give(self, msg: dict[str, Any]) -> None:
+        """§1.3 at the source's home: become a forwarding pointer, hand the state to the target."""
+        team, source_root, target_root = msg["t"], msg["root"], msg["target"]
+        source = self._live_person(msg)
+        if source is None:
+            return
+        self.state.put(person_key(team, source_root), {"fwd": target_root})
+        self.to_person(team, target_root, {**msg, "k": "take", "root": target_root, "source": source})
+
+    def _on_take(self, msg: dict[str, Any]) -> None:
+        target = self._live_person(msg)
+        if target is None:
+            return
+        team, ev = msg["t"], msg["ev"]
+        changes = Changes()
+        merged = persons.merge(target, msg["source"], ev, changes)
+        self.state.put(person_key(team, msg["root"]), merged)
+        self.publish(team, changes, ev)
+        self.counts["merges"] += 1
+        self.emit_event(ev, persons.event_person(merged, ev))
+        self._done(msg, msg["root"])
+
+    # -- at the team's merger -------------------------------------------------------------------
+    def _on_merge(self, msg: dict[str, Any]) -> None:
+        key = merger_key(msg["t"])
+        merger = self.state.get(key) or {}
+        if merger.get("cur"):
+            merger.setdefault("q", []).append(msg)
+            self.state.put(key, merger)
+            return
+        self._start(msg["t"], merger, msg)
+
+    def _start(self, team: int, merger: dict[str, Any], msg: dict[str, Any]) -> None:
+        merger["cur"] = {"mid": msg["mid"], "into": msg["into"], "other": msg["other"], "ev": msg["ev"], "info": {}}
+        self.state.put(merger_key(team), merger)
+        for did in (msg["into"], msg["other"]):
+            self.to_did(team, did, {"k": "resolve", "t": team, "mid": msg["mid"], "did": did})
+
+    def _on_resolved(self, msg: dict[str, Any]) -> None:
+        team = msg["t"]
+        merger = self.state.get(merger_key(team)) or {}
+        cur = merger.get("cur")
+        if not cur or cur["mid"] != msg["mid"]:
+            raise LookupError(f"resolved for {msg['mid']!r}, but the merge in flight is {cur and cur['mid']!r}")
+        cur["info"][msg["did"]] = msg["info"]
+        if len(cur["info"]) == 2:
+            self._decide(team, cur)
+        self.state.put(merger_key(team), merger)
+
+    def _decide(self, team: int, cur: dict[str, Any]) -> None:
+        """§1.2 / §1.3 ``mergeDistinctIds``, from the facts the dids' homes and persons sent."""
+        into, other, ev, mid = cur["into"], cur["other"], cur["ev"], cur["mid"]
+        a, b = cur["info"][into], cur["info"][other]
+        base = {"t": team, "mid": mid, "ev": ev}
+        if ("root" in a) != ("root" in b):
+            existing, to_add, added = (a, other, b) if "root" in a else (b, into, a)
+            cur["pl"] = [to_add]  # addPersonlessDistinctIdForMerge
+            self.to_person(team, existing["root"], {**base, "k": "add", "root": existing["root"], "did": to_add,
+                                                    "version": 1 if added["pl"] else 0})
+        elif "root" in a:
+            if a["root"] == b["root"]:
+                self.to_person(team, a["root"], {**base, "k": "identify", "root": a["root"]})
+            elif ev["e"] == "$merge_dangerously" or not b["ident"]:
+                self.to_person(team, b["root"], {**base, "k": "give", "root": b["root"], "target": a["root"]})
+            else:
+                cur["refused"] = True
+                self.warn(Warn("cannot_merge_already_identified", {
+                    "sourcePersonDistinctId": other, "targetPersonDistinctId": into, "eventUuid": ev["u"]}), ev)
+                self.to_person(team, a["root"], {**base, "k": "identify", "root": a["root"]})
+        else:
+            first, second, second_version = into, other, 0
+            if not a["pl"] and b["pl"]:  # only `other` was used personless: its uuid, no override needed
+                first, second = other, into
+            elif a["pl"] and b["pl"]:
+                second_version = 1
+            cur["pl"] = [into, other]
+            self.to_did(team, first, {**base, "k": "create", "ids": [[first, 0], [second, second_version]]})
+
+    def _on_done(self, msg: dict[str, Any]) -> None:
+        team = msg["t"]
+        key = merger_key(team)
+        merger = self.state.get(key) or {}
+        cur = merger.get("cur")
+        if not cur or cur["mid"] != msg["mid"]:
+            raise LookupError(f"done for {msg['mid']!r}, but the merge in flight is {cur and cur['mid']!r}")
+        root = msg["root"]
+        personless = set(cur.get("pl", [])) if root is not None else set()
+        for did in (cur["into"], cur["other"]):
+            moved = root if not (did == cur["other"] and cur.get("refused")) else None
+            self.to_did(team, did, {"k": "release", "t": team, "mid": cur["mid"], "did": did, "root": moved,
+                                    "pl": did in personless})
+        merger["cur"] = None
+        queue = merger.get("q", [])
+        if queue:
+            merger["q"] = queue[1:]
+            self._start(team, merger, queue[0])
+        else:
+            merger.pop("q", None)
+            self.state.put(key, merger)

@@ -17,8 +17,10 @@ Decisions where the semantics are a quirk, UNVERIFIED or silent (each repeated w
 * ``$exception`` / ``$$heatmap`` never write event properties, not even when they create the
   person (§1.5 NO_PERSON_UPDATE_EVENTS; PostHog's create path would take ``$set``).
 * A write over the size cap is rejected as a whole and the event is still ingested; a rejected
-  creation leaves no person (the event keeps the deterministic id); a rejected merge changes
-  nothing (§1.6).
+  creation leaves no person (the event keeps the deterministic id). A merge whose properties
+  would exceed the cap still merges (ids move, source deleted, target identified, max+1) but
+  keeps the target's own properties (ADR 0001: undoing a merge across partitions is not worth
+  a handshake for a case only a 640 KB person reaches).
 * ``force_upgrade`` events use the existing person's id with ``{}`` properties and write nothing
   but ``last_seen_at`` (their ``$set`` was stripped, §1.8).
 * The ``survey shown`` timestamp is written as ISO 8601 UTC with milliseconds
@@ -29,72 +31,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from datetime import datetime
+from typing import Iterable
 
-NAMESPACE = uuid.UUID("932979b4-65c3-4424-8467-0b66ec27bc22")
-UTC = timezone.utc
-#: §1.8: ``created_at`` of the fake person of a personless event.
-PERSONLESS_CREATED_AT = datetime(1970, 1, 1, 0, 0, 5, tzinfo=UTC)
-#: §1.8: a personless event later than ``person.created_at + 1 min`` is a force upgrade.
-FORCE_UPGRADE_AFTER = timedelta(minutes=1)
-#: §1.6: ``DEFAULT_PERSON_PROPERTIES_DB_CONSTRAINT_LIMIT_BYTES``.
-PERSON_PROPERTIES_SIZE_LIMIT_BYTES = 655_360
-
-# §1.4 illegal distinct ids, exactly as person-merge-service.ts lists them.
-BARE_CASE_INSENSITIVE_ILLEGAL_IDS = ("anonymous", "guest", "distinctid", "distinct_id", "id", "not_authenticated",
-                                     "email", "undefined", "true", "false")
-BARE_CASE_SENSITIVE_ILLEGAL_IDS = ("[object Object]", "NaN", "None", "none", "null", "0", "undefined")
-
-
-def _with_quoted_variants(ids: Iterable[str]) -> frozenset[str]:
-    ids = tuple(ids)
-    return frozenset(ids + tuple(f"'{i}'" for i in ids) + tuple(f'"{i}"' for i in ids))
-
-
-CASE_INSENSITIVE_ILLEGAL_IDS = _with_quoted_variants(BARE_CASE_INSENSITIVE_ILLEGAL_IDS)
-CASE_SENSITIVE_ILLEGAL_IDS = _with_quoted_variants(BARE_CASE_SENSITIVE_ILLEGAL_IDS)
-
-#: §1.8 events dropped when personless.
-PERSONLESS_DISALLOWED_EVENTS = frozenset({"$identify", "$create_alias", "$merge_dangerously", "$groupidentify"})
-#: §1.5: events that never update person properties, and "person events" the write filter skips.
-NO_PERSON_UPDATE_EVENTS = frozenset({"$exception", "$$heatmap"})
-PERSON_EVENTS = frozenset({"$identify", "$create_alias", "$merge_dangerously", "$set"})
-#: §1.7: events that get no automatic person properties.
-NO_INITIAL_PROPERTY_EVENTS = frozenset({"$snapshot", "$performance_event"})
-
-#: §1.7 mapped keys (order matters only for ``$os`` before ``$os_name``, as in PostHog).
-EVENT_TO_PERSON_PROPERTIES = (
-    "$app_build", "$app_name", "$app_namespace", "$app_version",
-    "$browser", "$browser_version", "$device_type", "$current_url", "$pathname", "$os", "$os_name",
-    "$os_version", "$referring_domain", "$referrer", "$screen_height", "$screen_width",
-    "$viewport_height", "$viewport_width", "$raw_user_agent",
+# The pure rules (constants, illegal ids, JS semantics, §1.5/§1.7 property updates) are shared
+# with the identity stage; the scenarios' hand-written expectations check them independently.
+from processors.identity.rules import (  # noqa: F401 - re-exported for the tests
+    BARE_CASE_INSENSITIVE_ILLEGAL_IDS, BARE_CASE_SENSITIVE_ILLEGAL_IDS, CAMPAIGN_PROPERTIES,
+    CASE_INSENSITIVE_ILLEGAL_IDS, CASE_SENSITIVE_ILLEGAL_IDS, EVENT_TO_PERSON_PROPERTIES,
+    FILTERED_PERSON_UPDATE_PROPERTIES, FORCE_UPGRADE_AFTER, MAPPED_PROPERTIES, NAMESPACE,
+    NO_INITIAL_PROPERTY_EVENTS, NO_PERSON_UPDATE_EVENTS, PERSON_EVENTS, PERSON_PROPERTIES_SIZE_LIMIT_BYTES,
+    PERSONLESS_CREATED_AT, PERSONLESS_DISALLOWED_EVENTS, UTC, PropertyUpdates, add_initial_and_campaign_properties,
+    apply_property_updates, as_dict, compute_property_updates, decide_process_person, illegal_merge,
+    is_distinct_id_illegal, iso_timestamp, js_differs, js_string, js_truthy, merge_other_distinct_id,
+    normalize_properties, person_uuid, properties_size,
 )
-CAMPAIGN_PROPERTIES = (
-    "utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_name", "utm_term",
-    "gclid", "gad_source", "gclsrc", "dclid", "gbraid", "wbraid", "fbclid", "msclkid", "twclid",
-    "li_fat_id", "mc_cid", "igshid", "ttclid", "rdt_cid", "irclid", "_kx", "epik", "qclid", "sccid",
-)
-MAPPED_PROPERTIES = EVENT_TO_PERSON_PROPERTIES + CAMPAIGN_PROPERTIES
-
-#: §1.5 write filter, exactly PostHog's ``FILTERED_PERSON_UPDATE_PROPERTIES``
-#: (person-property-utils.ts). ``$geoip_country_name`` and ``$geoip_city_name`` are NOT filtered.
-FILTERED_PERSON_UPDATE_PROPERTIES = frozenset({
-    "$current_url", "$pathname", "$referring_domain", "$referrer",  # URL / navigation
-    "$screen_height", "$screen_width", "$viewport_height", "$viewport_width",  # screen / viewport
-    "$browser", "$browser_version", "$device_type", "$raw_user_agent", "$os", "$os_name", "$os_version",
-    # the volatile geoip keys
-    "$geoip_postal_code", "$geoip_time_zone", "$geoip_latitude", "$geoip_longitude", "$geoip_accuracy_radius",
-    "$geoip_subdivision_1_code", "$geoip_subdivision_1_name", "$geoip_subdivision_2_code",
-    "$geoip_subdivision_2_name", "$geoip_subdivision_3_code", "$geoip_subdivision_3_name",
-    "$geoip_city_confidence", "$geoip_country_confidence", "$geoip_postal_code_confidence",
-    "$geoip_subdivision_1_confidence", "$geoip_subdivision_2_confidence",
-})
-
 
 # --------------------------------------------------------------------------------------------
 # Records
@@ -165,160 +117,9 @@ class EventResult:
     drop_reason: str | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# Pure helpers
-
-
-def person_uuid(team_id: int, distinct_id: str) -> str:
-    """§1.6 ``uuidFromDistinctId``: ``uuid5(NS, f"{team_id}:{distinct_id}")``."""
-    return str(uuid.uuid5(NAMESPACE, f"{team_id}:{distinct_id}"))
-
-
-def is_distinct_id_illegal(distinct_id: str) -> bool:
-    """§1.4: blank after trimming, or listed. The lower-case check uses the UNTRIMMED id, so
-    ``" guest"`` is legal while ``"   "`` is illegal."""
-    return (distinct_id.strip() == "" or distinct_id.lower() in CASE_INSENSITIVE_ILLEGAL_IDS
-            or distinct_id in CASE_SENSITIVE_ILLEGAL_IDS)
-
-
-def js_truthy(value: Any) -> bool:
-    """JS truthiness (§1.1 ``properties.alias`` must be truthy): empty containers are truthy."""
-    if value is None or value is False or value == "":
-        return False
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value != 0 and not math.isnan(value)
-    return True
-
-
-def js_string(value: Any) -> str:
-    """JS ``String(x)`` for JSON values (§1.1 ``String(properties.alias)``)."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return str(int(value)) if value.is_integer() and abs(value) < 1e21 else repr(value)
-    if isinstance(value, list):
-        return ",".join("" if v is None else js_string(v) for v in value)
-    if isinstance(value, dict):
-        return "[object Object]"
-    return str(value)
-
-
-def js_differs(old: Any, new: Any) -> bool:
-    """JS ``old !== new`` for JSON values (§1.5): objects and arrays always differ (reference
-    inequality); booleans are not numbers; ``1 === 1.0``; ``NaN !== NaN``."""
-    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
-        return True
-    if isinstance(old, bool) or isinstance(new, bool):
-        return not (isinstance(old, bool) and isinstance(new, bool) and old == new)
-    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
-        return not old == new
-    return type(old) is not type(new) or old != new
-
-
-def properties_size(properties: dict) -> int:
-    """Bytes of the compact UTF-8 JSON serialization, standing in for Postgres' JSONB size."""
-    return len(json.dumps(properties, ensure_ascii=False, separators=(",", ":"), default=str).encode())
-
-
-def iso_timestamp(ts: datetime) -> str:
-    """JS ``toISOString()`` shape: ``2024-01-01T12:00:00.000Z``."""
-    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 def _hour(ts: datetime) -> datetime:
     return ts.replace(minute=0, second=0, microsecond=0)
-
-
-def _as_dict(value: Any) -> dict:
-    """A non-object ``$set``/``$set_once`` counts as ``{}`` (§1.7; PostHog would spread a string's
-    characters on the update path, a quirk not reproduced)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _unset_keys(value: Any) -> list[str]:
-    """§1.5 ``$unset``: an array of keys or an object whose keys are used; non-string keys and any
-    other shape are ignored (PostHog would take ``Object.keys`` of a string: a quirk)."""
-    keys = value if isinstance(value, list) else list(value) if isinstance(value, dict) else []
-    return list(dict.fromkeys(k for k in keys if isinstance(k, str)))
-
-
-def add_initial_and_campaign_properties(properties: dict) -> None:
-    """§1.7 ``personInitialAndUTMProperties`` (mutates ``properties``).
-
-    For each mapped key present (``k in properties``, so null counts): ``$set[k]`` and
-    ``$set_once["$initial_" + k without its first "$"]`` unless the user already set them.
-    ``$os_name`` is a fallback alias of ``$os`` and is itself removed from both.
-    """
-    present = [k for k in MAPPED_PROPERTIES if k in properties]
-    if not present:
-        return
-    set_ = _as_dict(properties.get("$set"))
-    set_once = _as_dict(properties.get("$set_once"))
-    for key in present:
-        set_.setdefault(key, properties[key])
-        set_once.setdefault("$initial_" + key.replace("$", "", 1), properties[key])
-    if "$os_name" in properties:
-        os_name = properties["$os_name"]
-        properties.setdefault("$os", os_name)
-        set_.setdefault("$os", os_name)
-        set_once.setdefault("$initial_os", os_name)
-        set_.pop("$os_name", None)
-        set_once.pop("$initial_os_name", None)
-    properties["$set"] = set_
-    properties["$set_once"] = set_once
-
-
-@dataclass
-class PropertyUpdates:
-    """§1.5 ``computeEventPropertyUpdates``: the keys to set and unset, and whether they are
-    worth a write (False: only filtered keys that already exist changed → "ignored")."""
-
-    to_set: dict
-    to_unset: list
-    triggers_write: bool
-
-
-def compute_property_updates(event_name: str, before: dict, properties: dict) -> PropertyUpdates:
-    """§1.5, against the person's properties BEFORE the event.
-
-    * ``$set_once`` key: set if absent (a null value counts as present);
-    * ``$set`` key: set if ``before[k] !== value`` (after ``$set_once``, so ``$set`` wins);
-    * ``$unset`` key: removed only if present before the event;
-    * write filter: for a non-person event whose every changed ``$set`` key is filtered AND
-      already present (and no ``$set_once``/``$unset`` change), the change is not written.
-      A ``$set_once`` key is always new, so it always writes (newest batch store).
-    """
-    if event_name in NO_PERSON_UPDATE_EVENTS:
-        return PropertyUpdates({}, [], False)
-    to_set: dict = {}
-    triggers = event_name in PERSON_EVENTS
-    for key, value in _as_dict(properties.get("$set_once")).items():
-        if key not in before:
-            to_set[key] = value
-            triggers = True
-    for key, value in _as_dict(properties.get("$set")).items():
-        if key not in before or js_differs(before[key], value):
-            to_set[key] = value
-            if key not in before or key not in FILTERED_PERSON_UPDATE_PROPERTIES:
-                triggers = True
-    to_unset = [k for k in _unset_keys(properties.get("$unset")) if k in before]
-    if to_unset:
-        triggers = True
-    return PropertyUpdates(to_set, to_unset, triggers)
-
-
-def apply_property_updates(before: dict, updates: PropertyUpdates) -> dict:
-    """§1.5 ``applyEventPropertyUpdates``: set, then unset (so ``$set:{a:1}`` + ``$unset:['a']``
-    removes ``a`` only when ``a`` existed before the event)."""
-    after = dict(before)
-    after.update(copy.deepcopy(updates.to_set))
-    for key in updates.to_unset:
-        after.pop(key, None)
-    return after
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +205,7 @@ class PersonsModel:
                 person = self._create_person(ctx, [(ctx.distinct_id, 0)], is_identified=False)
             else:
                 self._update_person(person, ctx, mark_identified=False)
-        overlay = _as_dict(ctx.properties.get("$set"))
+        overlay = as_dict(ctx.properties.get("$set"))
         if person is None:  # creation rejected (§1.6 size cap): the event keeps the deterministic id
             return EventResult(ctx.uuid, person_uuid(ctx.team_id, ctx.distinct_id), copy.deepcopy(overlay),
                                None, "full")
@@ -412,38 +213,16 @@ class PersonsModel:
                            person.created_at, "full")
 
     def _decide_process_person(self, ctx: Event) -> tuple[bool, bool]:
-        """§1.8: only boolean ``false`` disables person processing; any other non-boolean value
-        warns ``invalid_process_person_profile`` and the default (true) is used. Returns
-        (process_person, disabled_by_property). The capture header also disables it but, as in
-        PostHog's newest normalize step, does not drop identify/alias/groupidentify events."""
-        if ctx.team_id in self.opted_out_teams:
-            ctx.properties["$process_person_profile"] = False
-        value = ctx.properties.get("$process_person_profile", True)
-        if value is False:
-            return False, True
-        if value is not True:
-            self._warn(ctx, "invalid_process_person_profile", {
-                "$process_person_profile": value,
-                "message": "Only a boolean value is valid for the $process_person_profile property"})
-        return not ctx.force_disable_person_processing, False
+        """§1.8 (rules.decide_process_person). Returns (process_person, disabled_by_property). The
+        capture header also disables it but, as in PostHog's newest normalize step, does not drop
+        identify/alias/groupidentify events."""
+        process, by_property, warning = decide_process_person(ctx.properties, ctx.team_id in self.opted_out_teams)
+        if warning is not None:
+            self._warn(ctx, "invalid_process_person_profile", warning)
+        return process and not ctx.force_disable_person_processing, by_property
 
     def _normalize(self, ctx: Event, process_person: bool) -> None:
-        """§1.7 automatic properties (not for ``$snapshot``/``$performance_event``), then §1.5/§1.8
-        stripping of ``$set``/``$set_once``/``$unset`` for personless events and
-        ``$groupidentify``, then the ``survey shown`` enrichment (full processing only)."""
-        props = ctx.properties
-        if ctx.event not in NO_INITIAL_PROPERTY_EVENTS:
-            add_initial_and_campaign_properties(props)
-        if not process_person or ctx.event == "$groupidentify":
-            for key in ("$set", "$set_once", "$unset"):
-                props.pop(key, None)
-        if process_person:
-            props.pop("$process_person_profile", None)
-            if ctx.event == "survey shown":
-                set_ = props["$set"] = _as_dict(props.get("$set"))
-                set_.setdefault("$survey_last_seen_date", iso_timestamp(ctx.timestamp))
-        else:
-            props["$process_person_profile"] = False
+        normalize_properties(ctx.event, ctx.properties, process_person, ctx.timestamp)
 
     def _personless_event(self, ctx: Event, lookup: bool) -> EventResult:
         """§1.8. No person: remember the distinct id as personless and use a fake person
@@ -468,21 +247,16 @@ class PersonsModel:
         create-or-update path must run (no trigger, ``into == other``, illegal id: the person is
         not marked identified), else ``(True, person)`` with the merge's person already written
         (None only when the size cap rejected the creation)."""
-        props = ctx.properties
-        if ctx.event in ("$create_alias", "$merge_dangerously") and js_truthy(props.get("alias")):
-            other = js_string(props["alias"])
-        elif ctx.event == "$identify" and "$anon_distinct_id" in props:
-            other = js_string(props["$anon_distinct_id"])
-        else:
+        other = merge_other_distinct_id(ctx.event, ctx.properties)
+        if other is None:
             return False, None
         into = ctx.distinct_id
         if into == other:
             return False, None
-        for illegal, other_id in ((into, other), (other, into)):
-            if is_distinct_id_illegal(illegal):
-                self._warn(ctx, "cannot_merge_with_illegal_distinct_id",
-                           {"illegalDistinctId": illegal, "otherDistinctId": other_id, "eventUuid": ctx.uuid})
-                return False, None
+        illegal = illegal_merge(into, other)
+        if illegal is not None:
+            self._warn(ctx, "cannot_merge_with_illegal_distinct_id", {**illegal, "eventUuid": ctx.uuid})
+            return False, None
         return True, self._merge_distinct_ids(ctx, other, into)
 
     def _merge_distinct_ids(self, ctx: Event, other: str, into: str) -> _Person | None:
@@ -537,7 +311,7 @@ class PersonsModel:
         merged = {**source.properties, **target.properties}
         properties = apply_property_updates(merged, compute_property_updates(ctx.event, merged, ctx.properties))
         if self._too_big(ctx, target, properties):
-            return target  # decision: the merge transaction is rejected as a whole
+            properties = target.properties  # decision (ADR 0001): merge, keep the target's properties
         target.properties = properties
         target.created_at = min(target.created_at, source.created_at)
         target.is_identified = True
@@ -559,8 +333,8 @@ class PersonsModel:
         if ctx.event in NO_PERSON_UPDATE_EVENTS:
             properties = {"$creator_event_uuid": ctx.uuid}  # decision: no event properties at all
         else:
-            properties = copy.deepcopy({**_as_dict(ctx.properties.get("$set_once")),
-                                        **_as_dict(ctx.properties.get("$set")), "$creator_event_uuid": ctx.uuid})
+            properties = copy.deepcopy({**as_dict(ctx.properties.get("$set_once")),
+                                        **as_dict(ctx.properties.get("$set")), "$creator_event_uuid": ctx.uuid})
         pid = person_uuid(ctx.team_id, ids[0][0])
         if self._too_big(ctx, None, properties, pid):
             return None

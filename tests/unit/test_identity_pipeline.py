@@ -6,15 +6,19 @@ from headwater.rows import EVENT_COLUMNS
 from headwater.topics import TopicNames
 from headwater.wire import PERSON_NAMESPACE
 from processors.identity.pipeline import IdentityPipeline
+from processors.state import PartitionState
 from tests.factories import FakeMessage, raw_bytes
 
 TOPICS = TopicNames("x_")
+EVENT_TOPICS = ("x_events_enriched", "x_events_dead_letter", "x_ingestion_warnings")
 
 
 def run(*values: bytes):
-    pipeline = IdentityPipeline(TOPICS, {"phc_test": 7})
-    messages = [FakeMessage(v, offset=i) for i, v in enumerate(values)]
-    return pipeline, pipeline.process_batch(messages)
+    """One partition: every home is here. Returns the records other than person/id snapshots."""
+    pipeline = IdentityPipeline(TOPICS, {"phc_test": 7}, partitions=1)
+    messages = [FakeMessage(v, topic=TOPICS.events_raw, offset=i) for i, v in enumerate(values)]
+    records = pipeline.process_partition(0, messages, PartitionState())
+    return pipeline, [r for r in records if r.topic in EVENT_TOPICS]
 
 
 def test_valid_event_becomes_a_row_keyed_by_team_and_distinct_id():
@@ -36,20 +40,24 @@ def test_bad_message_becomes_a_dead_letter_with_coordinates_and_the_batch_goes_o
     assert dead.value == b"{oops" and dead.key == b"k"
     assert headers["dlq_reason"] == b"invalid_json"
     assert headers["dlq_stage"] == b"identity"
-    assert (headers["dlq_topic"], headers["dlq_partition"], headers["dlq_offset"]) == (b"events_raw", b"0", b"1")
+    assert (headers["dlq_topic"], headers["dlq_partition"], headers["dlq_offset"]) == (b"x_events_raw", b"0", b"1")
     assert b"dlq_timestamp" in [k.encode() for k in headers]
-    assert pipeline.counts == {"ok": 2, "dead_letter": 1, "dropped": 0, "warnings": 0}
+    assert pipeline.counts == {"ok": 2, "dead_letter": 1, "dropped": 0, "warnings": 0, "merges": 0}
 
 
 def test_a_step_that_raises_becomes_a_processing_error_dead_letter(monkeypatch):
     import processors.identity.pipeline as module
 
-    def broken(event):
+    def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(module, "resolve_person", broken)
-    _, records = run(raw_bytes())
-    assert dict(records[0].headers)["dlq_reason"] == b"processing_error"
+    monkeypatch.setattr(module.persons, "create", broken)
+    pipeline = IdentityPipeline(TOPICS, {"phc_test": 7}, partitions=1)
+    state = PartitionState()
+    records = pipeline.process_partition(0, [FakeMessage(raw_bytes(), topic=TOPICS.events_raw)], state)
+    (record,) = records
+    assert dict(record.headers)["dlq_reason"] == b"processing_error"
+    assert state.pending() == [], "the failed message's state writes are rolled back"
 
 
 def test_dropped_event_produces_a_warning_record():
@@ -59,3 +67,18 @@ def test_dropped_event_produces_a_warning_record():
     warning = orjson.loads(record.value)
     assert warning["type"] == "skipping_event_invalid_distinct_id"
     assert warning["team_id"] == 7
+
+
+def test_an_event_row_over_the_message_limit_loses_person_properties_then_is_dead_lettered():
+    pipeline = IdentityPipeline(TOPICS, {"phc_test": 7}, partitions=1, max_message_bytes=2000)
+    big_set = raw_bytes(distinct_id="a", properties={"$set": {"bio": "x" * 1200}})
+    big_event = raw_bytes(distinct_id="b", properties={"text": "y" * 3000})
+    messages = [FakeMessage(v, topic=TOPICS.events_raw, offset=i) for i, v in enumerate([big_set, big_event])]
+    records = pipeline.process_partition(0, messages, PartitionState())
+    rows = [orjson.loads(r.value) for r in records if r.topic == "x_events_enriched"]
+    assert [r["distinct_id"] for r in rows] == ["a"] and rows[0]["person_properties"] == "{}"
+    warnings = [orjson.loads(r.value) for r in records if r.topic == "x_ingestion_warnings"]
+    assert [(w["type"], w["distinct_id"]) for w in warnings] == [
+        ("person_properties_dropped_from_event", "a"), ("person_properties_dropped_from_event", "b")]
+    (dead,) = [r for r in records if r.topic == "x_events_dead_letter"]
+    assert dict(dead.headers)["dlq_reason"] == b"event_row_too_large" and dead.key == b"7:b"

@@ -19,6 +19,9 @@ def test_the_design_topics_are_declared_with_their_retention():
         "group_types": True,
         "events_dead_letter": False,
         "ingestion_warnings": False,
+        # internal (ADR 0001): the identity stage's messages between partitions and its state
+        "identity_inbox": False,
+        "identity_changelog": True,
     }
     for spec in ALL_TOPICS:
         assert spec.all_configs()["cleanup.policy"] == ("compact" if spec.compacted else "delete")

@@ -1,5 +1,6 @@
-"""Step ``to_event_row``: a parsed event with its person → the ClickHouse event row (a dict with
-exactly ``headwater.rows.EVENT_COLUMNS``). Pure; ``created_at`` is the time headwater received it.
+"""Step ``to_event_row``: an event (the identity stage's JSON form, see ``pipeline.event_doc``)
+with its person → the ClickHouse event row (a dict with exactly ``headwater.rows.EVENT_COLUMNS``).
+Pure; ``created_at`` is the time headwater received the event.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import orjson
 
 from headwater.rows import GROUP_SLOTS
 
-from .parse import ParsedEvent
+from .persons import EventPerson
 
 _EMPTY_GROUPS = {f"$group_{i}": "" for i in range(GROUP_SLOTS)}
 _EMPTY_GROUP_PROPS = {f"group{i}_properties": "" for i in range(GROUP_SLOTS)}
@@ -20,26 +21,21 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def to_event_row(
-    event: ParsedEvent,
-    person_id: str,
-    person_properties: dict[str, Any] | None = None,
-    person_created_at_us: int = 0,
-) -> dict[str, Any]:
-    props = event.properties
+def to_event_row(ev: dict[str, Any], person: EventPerson) -> dict[str, Any]:
+    props = ev["p"]
     return {
-        "uuid": event.uuid,
-        "team_id": event.team_id,
-        "event": event.event,
-        "distinct_id": event.distinct_id,
-        "person_id": person_id,
-        "timestamp": event.timestamp_us,
+        "uuid": ev["u"],
+        "team_id": ev["t"],
+        "event": ev["e"],
+        "distinct_id": ev["d"],
+        "person_id": person.person_id,
+        "timestamp": ev["ts"],
         "properties": orjson.dumps(props).decode(),
-        "person_properties": orjson.dumps(person_properties or {}).decode(),
-        "person_created_at": person_created_at_us,
+        "person_properties": orjson.dumps(person.properties).decode(),
+        "person_created_at": person.created_at_us,
         **_EMPTY_GROUPS,
         **_EMPTY_GROUP_PROPS,
         "$session_id": _text(props.get("$session_id")),
         "$window_id": _text(props.get("$window_id")),
-        "created_at": event.now_us,
+        "created_at": ev["now"],
     }
