@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -43,7 +43,7 @@ class _Task:
     """What this worker holds for one partition number."""
 
     producer: Producer
-    state: PartitionState = field(default_factory=PartitionState)
+    state: PartitionState
 
 
 class StageRunner:
@@ -73,7 +73,9 @@ class StageRunner:
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
         self.consumer = Consumer(settings.consumer_config(
-            self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}"}))
+            self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
+                              # a merge is several inbox hops: do not let each wait for a full fetch
+                              "fetch.wait.max.ms": 10}))
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe(self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -100,6 +102,7 @@ class StageRunner:
             pass  # already closed
         for task in self.tasks.values():
             task.producer.flush(10)
+            task.state.close()
         self.tasks.clear()
 
     # -- partitions -----------------------------------------------------------------------------
@@ -122,7 +125,8 @@ class StageRunner:
                 continue
             producer = self._producer(number)
             producer.init_transactions(30)  # fences the previous owner, aborts its open transaction
-            task = _Task(producer)
+            state_dir = self.settings.data_dir / "state" / self.group_id / f"w{self.worker_id}" / f"p{number}"
+            task = _Task(producer, PartitionState(state_dir if self.changelog_topic else None))
             if self.changelog_topic:
                 self._restore(number, task)
             self.tasks[number] = task
@@ -133,6 +137,7 @@ class StageRunner:
             task = self.tasks.pop(number, None)
             if task is not None:
                 task.producer.flush(10)
+                task.state.close()
 
     def _restore(self, partition: int, task: _Task) -> None:
         """Rebuild the partition's state from its changelog, up to a marker written now: every
@@ -159,7 +164,7 @@ class StageRunner:
         try:
             done = False
             while not done:
-                for m in reader.consume(10_000, 1.0):
+                for m in reader.consume(10_000, 0.2):
                     if m.error() is not None:
                         continue
                     if m.offset() >= marker[0]:
@@ -233,7 +238,7 @@ class StageRunner:
         if getattr(error, "fatal", lambda: False)():
             # fenced: another worker owns this partition now; forget it until a rebalance says otherwise
             log.warning("%s: partition %d lost (%s); waiting for the rebalance", self.name, partition, error)
-            self.tasks.pop(partition, None)
+            self.tasks.pop(partition).state.close()
             return
         if getattr(error, "txn_requires_abort", lambda: False)() or getattr(error, "retriable", lambda: False)():
             log.warning("%s: transaction of partition %d aborted (%s); the batch will be read again", self.name, partition, error)

@@ -1,5 +1,9 @@
 """Partition state for stateful stages: a local key-value store plus the current batch's write set.
 
+The store is RocksDB (rocksdict, raw bytes) in a folder of its own when a path is given, so state
+beyond memory lives on disk; in memory otherwise (unit tests, the protocol harness). The changelog
+topic is the source of truth: a new owner wipes the folder and restores from it.
+
 Reads see the batch's own writes. At the end of a batch the runtime asks for the changelog
 records (one per key written, value ``None`` for a delete), produces them in the batch's
 transaction, and only after the commit applies the write set to the store (``commit``); an
@@ -9,6 +13,8 @@ encoded, so a value read is always a fresh object the caller may change before `
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,13 +24,27 @@ RESTORE_MARKER_KEY = b"__restore_marker__"
 
 
 class PartitionState:
-    def __init__(self) -> None:
-        self._store: dict[bytes, bytes] = {}
+    def __init__(self, path: Path | None = None) -> None:
+        self._store: Any
+        if path is None:
+            self._store = {}
+        else:
+            from rocksdict import Options, Rdict
+
+            shutil.rmtree(path, ignore_errors=True)  # restored from the changelog, never trusted
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._store = Rdict(str(path), options=Options(raw_mode=True))
+        self._path = path
         self._writes: dict[bytes, Any] = {}
         self._undo: list[tuple[bytes, bool, Any]] = []
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) if isinstance(self._store, dict) else sum(1 for _ in self._store.keys())
+
+    def close(self) -> None:
+        if self._path is not None:
+            self._store.close()
+            shutil.rmtree(self._path, ignore_errors=True)
 
     def get(self, key: str) -> Any:
         k = key.encode()
@@ -73,6 +93,7 @@ class PartitionState:
     def restore(self, key: bytes, value: bytes | None) -> None:
         """Apply one changelog record (restoring, or committing a batch)."""
         if value is None:
-            self._store.pop(key, None)
+            if self._store.get(key) is not None:
+                del self._store[key]
         else:
             self._store[key] = value

@@ -82,3 +82,19 @@ def test_an_event_row_over_the_message_limit_loses_person_properties_then_is_dea
         ("person_properties_dropped_from_event", "a"), ("person_properties_dropped_from_event", "b")]
     (dead,) = [r for r in records if r.topic == "x_events_dead_letter"]
     assert dict(dead.headers)["dlq_reason"] == b"event_row_too_large" and dead.key == b"7:b"
+
+
+def test_state_on_rocksdb_reads_its_writes_and_keeps_only_committed_ones(tmp_path):
+    state = PartitionState(tmp_path / "p0")
+    state.put("d:1:a", {"r": "a"})
+    assert state.get("d:1:a") == {"r": "a"}
+    state.rollback()
+    assert state.get("d:1:a") is None, "an aborted batch leaves nothing"
+    state.put("d:1:a", {"r": "a"})
+    state.put("d:1:b", {"r": "a"})
+    state.commit(state.pending())
+    state.delete("d:1:b")
+    state.commit(state.pending())
+    assert (state.get("d:1:a"), state.get("d:1:b"), len(state)) == ({"r": "a"}, None, 1)
+    state.close()
+    assert not (tmp_path / "p0").exists()

@@ -48,3 +48,8 @@ def test_identifiers_from_configuration_are_validated(monkeypatch):
     monkeypatch.setenv("HEADWATER_CLICKHOUSE_DATABASE", "x; DROP TABLE y")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_team_gets_one_token_because_identity_state_is_homed_by_it():
+    with pytest.raises(ValueError, match="second token"):
+        parse_teams("phc_a:1,phc_b:1")
