@@ -202,7 +202,8 @@ def worker(
     names = TopicNames(settings.topic_prefix)
     inputs = [names.events_raw, names.identity_inbox]
     partitions = co_partitioned_count(settings, [*inputs, names.identity_changelog])
-    pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes)
+    pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes,
+                                settings.personless_team_ids)
     runner = StageRunner(settings, name=stage, input_topics=inputs, stage=pipeline,
                          changelog_topic=names.identity_changelog, worker_id=worker_id)
     runner.run(_stop_event())

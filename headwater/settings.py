@@ -105,6 +105,8 @@ class Settings(BaseSettings):
 
     # Product -----------------------------------------------------------------------------------
     teams: str = "phc_local:1"
+    #: teams with PostHog's ``person_processing_opt_out``: every event personless (semantics §1.8)
+    personless_teams: str = ""
     capture_addr: str = "127.0.0.1:8000"
 
     # Stages ------------------------------------------------------------------------------------
@@ -118,6 +120,13 @@ class Settings(BaseSettings):
     @classmethod
     def _teams_parse(cls, value: str) -> str:
         parse_teams(value)
+        return value
+
+    @field_validator("personless_teams")
+    @classmethod
+    def _team_ids(cls, value: str) -> str:
+        if not all(t.strip().isdigit() for t in value.split(",") if t.strip()):
+            raise ValueError(f"{value!r} is not a comma-separated list of team ids")
         return value
 
     @field_validator("clickhouse_database")
@@ -145,6 +154,10 @@ class Settings(BaseSettings):
     @property
     def team_by_token(self) -> dict[str, int]:
         return parse_teams(self.teams)
+
+    @property
+    def personless_team_ids(self) -> frozenset[int]:
+        return frozenset(int(t) for t in self.personless_teams.split(",") if t.strip())
 
     @property
     def embedded_kafka(self) -> bool:

@@ -110,11 +110,12 @@ class LocalCluster:
     """The identity stage over ``partitions`` partitions, in one process, without a broker."""
 
     def __init__(self, teams: list[int], partitions: int = 4, batch: int = 50,
-                 max_message_bytes: int = 10_000_000) -> None:
+                 max_message_bytes: int = 10_000_000, personless_teams: tuple[int, ...] = ()) -> None:
         self.partitions = partitions
         self.batch = batch
         # no broker here: a message may be bigger than Kafka's default (the 700 KB scenarios)
-        self.pipeline = IdentityPipeline(TOPICS, {token_of(t): t for t in teams}, partitions, max_message_bytes)
+        self.pipeline = IdentityPipeline(TOPICS, {token_of(t): t for t in teams}, partitions, max_message_bytes,
+                                         frozenset(personless_teams))
         self.states = [PartitionState() for _ in range(partitions)]
         self.queues: list[deque[FakeMessage]] = [deque() for _ in range(partitions)]
         self.offsets = [0] * partitions

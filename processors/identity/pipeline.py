@@ -67,8 +67,9 @@ def merger_key(team: int) -> str:
 
 class IdentityPipeline:
     def __init__(self, topics: TopicNames, teams: dict[str, int], partitions: int,
-                 max_message_bytes: int = 1_000_000) -> None:
+                 max_message_bytes: int = 1_000_000, personless_teams: frozenset[int] = frozenset()) -> None:
         self.topics = topics
+        self.personless_teams = personless_teams
         self.max_message_bytes = max_message_bytes
         self.teams = teams
         self.homes = Homes({team: token for token, team in teams.items()}, partitions)
@@ -204,7 +205,7 @@ class _PartitionRun:
             self.state.put(key, rec)
             return
         props = ev["p"]
-        process, by_property, warning = decide_process_person(props)
+        process, by_property, warning = decide_process_person(props, team in self.pipeline.personless_teams)
         if warning is not None:
             self.warn(Warn("invalid_process_person_profile", warning), ev)
         if not process and by_property and ev["e"] in PERSONLESS_DISALLOWED_EVENTS:

@@ -33,7 +33,9 @@ TEAMS = sorted({10 * (i + 1) + t for i in range(len(PIPELINE_SCENARIOS)) for t i
 
 @pytest.fixture
 def test_env(test_env: dict[str, str]) -> dict[str, str]:
+    opted_out = {t for i, s in enumerate(PIPELINE_SCENARIOS) for t in s.with_team_offset(10 * (i + 1)).opted_out_teams}
     return {**test_env, "HEADWATER_TEAMS": ",".join(f"{token_of(t)}:{t}" for t in TEAMS),
+            "HEADWATER_PERSONLESS_TEAMS": ",".join(map(str, sorted(opted_out))),
             "HEADWATER_SINK_BATCH_MS": "100"}
 
 
@@ -117,7 +119,7 @@ def settled_equal(clickhouse, db: str, want: Tables, timeout: float = 60) -> Tab
 
 def test_scenarios_fed_step_at_a_time_end_as_the_model(pipeline, settings, clickhouse) -> None:
     db = settings.clickhouse.database
-    scenarios = [s.with_team_offset(10 * (i + 1) - 0) for i, s in enumerate(PIPELINE_SCENARIOS)]
+    scenarios = [s.with_team_offset(10 * (i + 1)) for i, s in enumerate(PIPELINE_SCENARIOS)]
     assert len(scenarios) >= 40
     sender = Sender(settings.kafka_bootstrap, TopicNames(settings.topic_prefix))
     # all scenarios at once (they are on different teams), one step of each per round
@@ -127,7 +129,7 @@ def test_scenarios_fed_step_at_a_time_end_as_the_model(pipeline, settings, click
         wait_visible(clickhouse, db, [e.uuid for e in batch])
     want = Tables()
     for s in scenarios:
-        model = PersonsModel()
+        model = PersonsModel(opted_out_teams=s.opted_out_teams)
         part = tables_from_model(model, [model.process(e) for e in s.events], s.events)
         want.persons.update(part.persons)
         want.distinct_ids.update(part.distinct_ids)

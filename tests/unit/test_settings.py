@@ -53,3 +53,11 @@ def test_identifiers_from_configuration_are_validated(monkeypatch):
 def test_a_team_gets_one_token_because_identity_state_is_homed_by_it():
     with pytest.raises(ValueError, match="second token"):
         parse_teams("phc_a:1,phc_b:1")
+
+
+def test_personless_teams_are_team_ids(monkeypatch):
+    monkeypatch.setenv("HEADWATER_PERSONLESS_TEAMS", "3, 5")
+    assert Settings().personless_team_ids == frozenset({3, 5})
+    monkeypatch.setenv("HEADWATER_PERSONLESS_TEAMS", "acme")
+    with pytest.raises(ValidationError):
+        Settings()
