@@ -43,7 +43,7 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 
 
 class Homes:
-    """Home partitions for one deployment: ``tokens`` maps team id → its (single) token."""
+    """Home partitions for one deployment: ``team_tokens`` maps team id → its (single) token."""
 
     def __init__(self, team_tokens: dict[int, str], partitions: int) -> None:
         self.team_tokens = team_tokens

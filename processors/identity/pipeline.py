@@ -267,9 +267,10 @@ class _PartitionRun:
             rec["r"] = msg["root"]
         if msg.get("pl"):
             rec["pl"] = 1
-        queued = rec.pop("q", []) if not rec["h"] else []
+        queued: list[dict[str, Any]] = []
         if not rec["h"]:
             del rec["h"]
+            queued = rec.pop("q", [])
         self.state.put(key, rec)
         for ev in queued:  # in order; a merge event among them holds the did again, the rest re-queue
             self._on_event({"k": "event", "ev": ev})
@@ -293,14 +294,18 @@ class _PartitionRun:
         person = self._live_person(msg)
         if person is None:
             return
-        team, ev = msg["t"], msg["ev"]
         if msg["mode"] == "personless":
-            view, _mode = persons.personless_use(person, ev)
-            self.emit_event(ev, view)
+            view, _mode = persons.personless_use(person, msg["ev"])
+            self.emit_event(msg["ev"], view)
             return
-        changes = Changes()
-        updated = persons.update(person, ev, mark_identified=False, changes=changes)
-        if updated is not person:
+        self._update_and_emit(msg, person, Changes(), mark_identified=False)
+
+    def _update_and_emit(self, msg: dict[str, Any], person: dict[str, Any], changes: Changes, *,
+                         mark_identified: bool, changed: bool = False) -> None:
+        """Apply the event's person updates, store the person if it changed, publish, emit the row."""
+        team, ev = msg["t"], msg["ev"]
+        updated = persons.update(person, ev, mark_identified=mark_identified, changes=changes)
+        if changed or updated is not person:
             self.state.put(person_key(team, msg["root"]), updated)
         self.publish(team, changes, ev)
         self.emit_event(ev, persons.event_person(updated, ev))
@@ -335,13 +340,9 @@ class _PartitionRun:
         person = self._live_person(msg)
         if person is None:
             return
-        team, ev = msg["t"], msg["ev"]
         changes = Changes()
         person = persons.add_distinct_id(person, msg["did"], msg["version"], changes)
-        person = persons.update(person, ev, mark_identified=True, changes=changes)
-        self.state.put(person_key(team, msg["root"]), person)
-        self.publish(team, changes, ev)
-        self.emit_event(ev, persons.event_person(person, ev))
+        self._update_and_emit(msg, person, changes, mark_identified=True, changed=True)
         self._done(msg, msg["root"])
 
     def _on_identify(self, msg: dict[str, Any]) -> None:
@@ -349,13 +350,7 @@ class _PartitionRun:
         person = self._live_person(msg)
         if person is None:
             return
-        team, ev = msg["t"], msg["ev"]
-        changes = Changes()
-        updated = persons.update(person, ev, mark_identified=True, changes=changes)
-        if updated is not person:
-            self.state.put(person_key(team, msg["root"]), updated)
-        self.publish(team, changes, ev)
-        self.emit_event(ev, persons.event_person(updated, ev))
+        self._update_and_emit(msg, person, Changes(), mark_identified=True)
         self._done(msg, msg["root"])
 
     def _on_give(self, msg: dict[str, Any]) -> None:
@@ -445,9 +440,10 @@ class _PartitionRun:
             raise LookupError(f"done for {msg['mid']!r}, but the merge in flight is {cur and cur['mid']!r}")
         root = msg["root"]
         personless = set(cur.get("pl", [])) if root is not None else set()
-        for did in (cur["into"], cur["other"]):
-            moved = root if not (did == cur["other"] and cur.get("refused")) else None
-            self.to_did(team, did, {"k": "release", "t": team, "mid": cur["mid"], "did": did, "root": moved,
+        # a refused merge leaves `other` on its own person; every other outcome puts both on `root`
+        other_root = None if cur.get("refused") else root
+        for did, new_root in ((cur["into"], root), (cur["other"], other_root)):
+            self.to_did(team, did, {"k": "release", "t": team, "mid": cur["mid"], "did": did, "root": new_root,
                                     "pl": did in personless})
         merger["cur"] = None
         queue = merger.get("q", [])

@@ -17,11 +17,10 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from headwater.topics import TopicNames
 from tests.conftest import wait_until
-from tests.identity_harness import Tables, raw_envelope, tables_from_model, token_of
+from tests.identity_harness import PIPELINE_SCENARIOS as ALL_PIPELINE_SCENARIOS
+from tests.identity_harness import Tables, assert_same_tables, check_invariants, raw_envelope, tables_from_model, token_of
 from tests.reference.persons_model import Event, PersonsModel
 from tests.reference.scenarios import BASE_TS, identify, pv
-from tests.unit.test_identity_protocol import PIPELINE_SCENARIOS as ALL_PIPELINE_SCENARIOS
-from tests.unit.test_identity_protocol import assert_same_tables, check_invariants
 
 #: Without the two 700 KB size-cap scenarios: their event rows (properties plus person
 #: properties) exceed a Kafka message, a path test_identity_protocol covers without a broker.
@@ -179,14 +178,14 @@ def test_concurrent_sequences_with_two_workers_keep_the_invariants(two_workers, 
     def settled() -> bool:
         t = tables_from_clickhouse(clickhouse, db, {team})
         try:
-            check_invariants(t, events)
+            check_invariants(t)
         except AssertionError:
             return False
         return dids <= {d for (_, d) in t.distinct_ids}
 
     wait_until(settled, 60, message="invariants after the sink caught up")
     tables = tables_from_clickhouse(clickhouse, db, {team})
-    check_invariants(tables, events)
+    check_invariants(tables)
     assert {e.uuid for e in events} == set(tables.events), "every event is one row"
     # merges allowed by the rules are never lost: ids named together by a merge that was not
     # refused end on one person

@@ -117,7 +117,6 @@ class EventResult:
     drop_reason: str | None = None
 
 
-
 def _hour(ts: datetime) -> datetime:
     return ts.replace(minute=0, second=0, microsecond=0)
 
