@@ -9,14 +9,15 @@ pauses its partitions, keeps its group membership, retries with backoff and comm
 until the insert succeeds.
 
 Routes: ``events_enriched`` → ``events``, ``ingestion_warnings`` → ``ingestion_warnings``,
-``events_dead_letter`` → ``events_dead_letter``, and the compacted identity topics ``persons`` →
+``events_dead_letter`` → ``events_dead_letter``, the compacted identity topics ``persons`` →
 ``persons`` and ``person_distinct_ids`` → ``person_distinct_ids`` (whose materialized view feeds
-``person_overrides``). A row function returns ``None`` for a message that carries no row: a Kafka
-tombstone (value None) on the identity topics, which is what compaction needs, not an error. Its
+``person_overrides``), and the compacted group topics ``groups`` → ``groups`` and ``group_types`` →
+``group_types``. A row function returns ``None`` for a message that carries no row: a Kafka
+tombstone (value None) on the compacted topics, which is what compaction needs, not an error. Its
 offset still counts in its partition's batch, so a partition holding only tombstones commits too.
 A message of our own topics that cannot become a row (bad JSON, missing key, wrong type) is kept
-as a dead letter rather than dropped; the identity rows are type-checked before insertion, so one
-bad value cannot fail every retry of its batch.
+as a dead letter rather than dropped; the identity and group rows are type-checked before
+insertion, so one bad value cannot fail every retry of its batch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from headwater.rows import DISTINCT_ID_COLUMNS, EVENT_COLUMNS, PERSON_COLUMNS, WARNING_COLUMNS
+from headwater.rows import (
+    DISTINCT_ID_COLUMNS,
+    EVENT_COLUMNS,
+    GROUP_COLUMNS,
+    GROUP_SLOTS,
+    GROUP_TYPE_COLUMNS,
+    PERSON_COLUMNS,
+    WARNING_COLUMNS,
+)
 from headwater.settings import Settings
 from headwater.topics import TopicNames
 
@@ -53,8 +62,16 @@ DEAD_LETTER_COLUMNS = (
 )
 
 
+# Event rows written by processors older than migration 0004 have no groupN_created_at keys; the
+# rows still on events_enriched when the sink is upgraded get the columns' default (0) instead of
+# becoming dead letters.
+_GROUP_CREATED_AT_DEFAULTS = {f"group{i}_created_at": 0 for i in range(GROUP_SLOTS)}
+
+
 def event_row(message: Message) -> list[Any]:
     row = orjson.loads(message.value())
+    if "group0_created_at" not in row:
+        row = {**_GROUP_CREATED_AT_DEFAULTS, **row}
     return [row[c] for c in EVENT_COLUMNS]
 
 
@@ -93,6 +110,27 @@ def _uuid(row: dict[str, Any], column: str) -> str:
     return str(uuid.UUID(_text(row, column)))  # ValueError if it is not a UUID
 
 
+def _key(row: dict[str, Any], column: str) -> str:
+    value = _text(row, column)
+    if not value:
+        raise ValueError(f"{column} must not be empty")
+    return value
+
+
+def _group_type_index(row: dict[str, Any]) -> int:
+    value = row["group_type_index"]
+    if type(value) is not int or not 0 <= value < GROUP_SLOTS:
+        raise ValueError(f"group_type_index must be an int 0..{GROUP_SLOTS - 1}, not {value!r}")
+    return value
+
+
+def _json_object_text(row: dict[str, Any], column: str) -> str:
+    value = _text(row, column)
+    if not isinstance(orjson.loads(value), dict):  # JSONDecodeError (a ValueError) if not JSON
+        raise ValueError(f"{column} must be the JSON text of an object")
+    return value
+
+
 def person_row(message: Message) -> list[Any] | None:
     """A ``persons`` value as a row in PERSON_COLUMNS order; None for a tombstone (no row)."""
     value = message.value()
@@ -123,6 +161,34 @@ def distinct_id_row(message: Message) -> list[Any] | None:
         _int64(row, "version"),
         _flag(row, "is_deleted"),
     ]
+
+
+def group_row(message: Message) -> list[Any] | None:
+    """A ``groups`` value as a row in GROUP_COLUMNS order; None for a tombstone (no row)."""
+    value = message.value()
+    if value is None:
+        return None
+    row = orjson.loads(value)
+    version = _int64(row, "version")
+    if version < 1:
+        raise ValueError(f"version must be at least 1, not {version}")
+    return [
+        _int64(row, "team_id"),
+        _group_type_index(row),
+        _key(row, "group_key"),
+        _json_object_text(row, "group_properties"),
+        _int64(row, "created_at"),  # µs since the epoch = DateTime64(6) ticks
+        version,
+    ]
+
+
+def group_type_row(message: Message) -> list[Any] | None:
+    """A ``group_types`` value as a row in GROUP_TYPE_COLUMNS order; None for a tombstone."""
+    value = message.value()
+    if value is None:
+        return None
+    row = orjson.loads(value)
+    return [_int64(row, "team_id"), _key(row, "group_type"), _group_type_index(row)]
 
 
 def unreadable_row(message: Message, error: Exception) -> list[Any]:
@@ -191,6 +257,8 @@ class ClickHouseSink:
             topics.events_dead_letter: TableRoute(f"{db}.events_dead_letter", DEAD_LETTER_COLUMNS, dead_letter_row),
             topics.persons: TableRoute(f"{db}.persons", PERSON_COLUMNS, person_row),
             topics.person_distinct_ids: TableRoute(f"{db}.person_distinct_ids", DISTINCT_ID_COLUMNS, distinct_id_row),
+            topics.groups: TableRoute(f"{db}.groups", GROUP_COLUMNS, group_row),
+            topics.group_types: TableRoute(f"{db}.group_types", GROUP_TYPE_COLUMNS, group_type_row),
         }
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{"client.id": f"sink-{worker_id}"}))

@@ -26,3 +26,35 @@ def test_cluster_mode_uses_on_cluster_and_replicated_engines():
 def test_split_statements_ignores_comment_only_pieces():
     sql = "-- intro\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n-- trailing comment\n"
     assert split_statements(sql) == ["-- intro\nCREATE TABLE a (x UInt8) ENGINE = Memory"]
+
+
+def test_cluster_mode_renders_an_alter_on_cluster_and_leaves_it_without_an_engine():
+    statement = render("ALTER TABLE {db}.events {on_cluster}\n    ADD COLUMN IF NOT EXISTS x UInt8", "hw", "main")
+    assert statement == "ALTER TABLE hw.events ON CLUSTER main\n    ADD COLUMN IF NOT EXISTS x UInt8"
+    assert render("ALTER TABLE {db}.events {on_cluster}\n    ADD COLUMN IF NOT EXISTS x UInt8", "hw") == (
+        "ALTER TABLE hw.events\n    ADD COLUMN IF NOT EXISTS x UInt8"
+    )
+
+
+def test_the_groups_migration_renders_for_one_server_and_for_a_cluster():
+    (groups,) = [m for m in load_migrations() if m.name == "groups"]
+    assert groups.version == 4
+    single = groups.statements("hw")
+    alter = next(s for s in single if "ALTER TABLE" in s)
+    assert "ALTER TABLE hw.events\n" in alter and "ON CLUSTER" not in alter
+    for i in range(5):
+        assert f"ADD COLUMN IF NOT EXISTS group{i}_created_at DateTime64(6, 'UTC')" in alter
+    clustered = groups.statements("hw", "main")
+    assert len(clustered) == len(single)
+    assert all("ON CLUSTER main" in s for s in clustered)
+    assert "ALTER TABLE hw.events ON CLUSTER main\n" in next(s for s in clustered if "ALTER TABLE" in s)
+    engines = [s for s in clustered if "ENGINE" in s]
+    assert len(engines) == 2
+    assert any("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/hw.groups', '{replica}', version)" in s for s in engines)
+    assert any("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/hw.group_types', '{replica}')" in s for s in engines)
+
+
+def test_every_statement_of_every_migration_runs_on_the_cluster_in_cluster_mode():
+    for migration in load_migrations():
+        for statement in migration.statements("hw", "main"):
+            assert "ON CLUSTER main" in statement, f"{migration.version:04d}_{migration.name}: {statement[:80]}"

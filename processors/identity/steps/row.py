@@ -15,6 +15,7 @@ from .persons import EventPerson
 
 _EMPTY_GROUPS = {f"$group_{i}": "" for i in range(GROUP_SLOTS)}
 _EMPTY_GROUP_PROPS = {f"group{i}_properties": "" for i in range(GROUP_SLOTS)}
+_EMPTY_GROUP_CREATED_AT = {f"group{i}_created_at": 0 for i in range(GROUP_SLOTS)}
 
 
 def _text(value: Any) -> str:
@@ -35,6 +36,7 @@ def to_event_row(ev: dict[str, Any], person: EventPerson) -> dict[str, Any]:
         "person_created_at": person.created_at_us,
         **_EMPTY_GROUPS,
         **_EMPTY_GROUP_PROPS,
+        **_EMPTY_GROUP_CREATED_AT,
         "$session_id": _text(props.get("$session_id")),
         "$window_id": _text(props.get("$window_id")),
         "created_at": ev["now"],
