@@ -4,21 +4,16 @@ person_overrides, events_with_person) correct without any merge having run."""
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer, TopicPartition
 
 from headwater.kafka_admin import ensure_topics
-from headwater.settings import Settings
 from headwater.topics import TopicNames
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.sink import ClickHouseSink
 from tests.conftest import wait_until
+from tests.sink_harness import committed, running_sink
 
 pytestmark = pytest.mark.pipeline
 
@@ -38,40 +33,6 @@ def distinct_id(did: str, pid: str, version: int, *, is_deleted: int = 0) -> byt
 
 def count(clickhouse, sql: str) -> int:
     return clickhouse.query(sql).result_rows[0][0]
-
-
-@contextmanager
-def running_sink(settings: Settings) -> Iterator[ClickHouseSink]:
-    """The real sink, in a thread of this process, with its own ClickHouse client; stopped on exit."""
-    client = connect(settings.clickhouse)
-    sink = ClickHouseSink(settings, client, worker_id="test")
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            sink.run(stop)
-        except BaseException as exc:  # reported by the test thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="sink", daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        stop.set()
-        thread.join(30)
-        client.close()
-    assert not thread.is_alive(), "the sink did not stop"
-    assert not errors, errors
-
-
-def committed(settings: Settings, group_id: str, partitions: list[TopicPartition]) -> dict[tuple[str, int], int]:
-    reader = Consumer(settings.consumer_config(group_id))
-    try:
-        return {(tp.topic, tp.partition): tp.offset for tp in reader.committed(partitions, timeout=10)}
-    finally:
-        reader.close()
 
 
 def test_persons_and_distinct_ids_land_and_the_views_pick_the_latest_versions(settings, clickhouse):
