@@ -188,6 +188,8 @@ def worker(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one processor stage (scale out by starting more, each with its own --worker-id)."""
+    from processors.follower import TopicFollower
+    from processors.identity.group_table import GroupTable
     from processors.identity.pipeline import IdentityPipeline
     from processors.runtime import StageRunner
 
@@ -202,10 +204,12 @@ def worker(
     names = TopicNames(settings.topic_prefix)
     inputs = [names.events_raw, names.identity_inbox]
     partitions = co_partitioned_count(settings, [*inputs, names.identity_changelog])
+    groups = GroupTable(names.group_types, names.groups)
     pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes,
-                                settings.personless_team_ids)
+                                settings.personless_team_ids, groups)
+    follower = TopicFollower(settings, [names.group_types, names.groups], groups.apply, name="group-table")
     runner = StageRunner(settings, name=stage, input_topics=inputs, stage=pipeline,
-                         changelog_topic=names.identity_changelog, worker_id=worker_id)
+                         changelog_topic=names.identity_changelog, worker_id=worker_id, followers=[follower])
     runner.run(_stop_event())
 
 

@@ -34,6 +34,15 @@ from .state import RESTORE_MARKER_KEY, PartitionState
 log = logging.getLogger(__name__)
 
 
+class Follower(Protocol):
+    """A global table the stage reads (processors/follower.py): caught up before the first batch,
+    then polled before every batch."""
+
+    def start(self) -> None: ...
+    def poll(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class Stage(Protocol):
     def process_partition(self, partition: int, messages: Sequence[Message], state: PartitionState) -> list[Record]: ...
 
@@ -59,6 +68,7 @@ class StageRunner:
         changelog_topic: str | None = None,
         worker_id: str = "0",
         on_batch: Callable[[int, int], None] | None = None,
+        followers: Sequence[Follower] = (),
     ) -> None:
         self.settings = settings
         self.name = name
@@ -68,6 +78,7 @@ class StageRunner:
         self.worker_id = worker_id
         self.group_id = f"{settings.topic_prefix}headwater-{name}"
         self.on_batch = on_batch
+        self.followers = list(followers)
         self.consumed = 0
         self.produced = 0
         self.restored = 0
@@ -78,12 +89,16 @@ class StageRunner:
                               "fetch.wait.max.ms": 10}))
 
     def run(self, stop: threading.Event) -> None:
+        for follower in self.followers:  # global tables are read up to date before the first batch
+            follower.start()
         self.consumer.subscribe(self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("%s: consuming %s as group %s", self.name, ",".join(self.input_topics), self.group_id)
         batch_size = self.settings.processor_batch_size
         timeout = self.settings.processor_batch_ms / 1000
         try:
             while not stop.is_set():
+                for follower in self.followers:
+                    follower.poll()
                 messages = self.consumer.consume(batch_size, timeout)
                 by_partition: dict[int, list[Message]] = {}
                 for m in messages:
@@ -104,6 +119,8 @@ class StageRunner:
             task.producer.flush(10)
             task.state.close()
         self.tasks.clear()
+        for follower in self.followers:
+            follower.close()
 
     # -- partitions -----------------------------------------------------------------------------
     def _producer(self, partition: int) -> Producer:

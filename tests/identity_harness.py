@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from headwater.topics import TopicNames
+from processors.identity.group_table import GroupTable
 from processors.identity.homes import kafka_partition
 from processors.identity.pipeline import IdentityPipeline
 from processors.outputs import Record
@@ -109,12 +110,17 @@ class LocalCluster:
     """The identity stage over ``partitions`` partitions, in one process, without a broker."""
 
     def __init__(self, teams: list[int], partitions: int = 4, batch: int = 50,
-                 max_message_bytes: int = 10_000_000, personless_teams: tuple[int, ...] = ()) -> None:
+                 max_message_bytes: int = 10_000_000, personless_teams: tuple[int, ...] = (), workers: int = 1) -> None:
         self.partitions = partitions
         self.batch = batch
-        # no broker here: a message may be bigger than Kafka's default (the 700 KB scenarios)
-        self.pipeline = IdentityPipeline(TOPICS, {token_of(t): t for t in teams}, partitions, max_message_bytes,
-                                         frozenset(personless_teams))
+        # one pipeline (and group table) per worker; partition p belongs to worker p % workers.
+        # No broker here: a message may be bigger than Kafka's default (the 700 KB scenarios).
+        self.pipelines = [IdentityPipeline(TOPICS, {token_of(t): t for t in teams}, partitions, max_message_bytes,
+                                           frozenset(personless_teams), GroupTable(TOPICS.group_types, TOPICS.groups))
+                          for _ in range(workers)]
+        self.pipeline = self.pipelines[0]
+        self.table_feed: list[Record] = []  # group records not yet read by the workers' group tables
+        self.feed_while_running = True  # False: the group tables read the topics only once all is done
         self.states = [PartitionState() for _ in range(partitions)]
         self.queues: list[deque[FakeMessage]] = [deque() for _ in range(partitions)]
         self.offsets = [0] * partitions
@@ -138,14 +144,23 @@ class LocalCluster:
         if not batch:
             return 0
         state = self.states[partition]
-        out = self.pipeline.process_partition(partition, batch, state)
+        out = self.pipelines[partition % len(self.pipelines)].process_partition(partition, batch, state)
         state.commit(state.pending())
         for record in out:
             if record.topic == TOPICS.identity_inbox:
                 self._enqueue(record.topic, record.partition, record.key, record.value)
             else:
                 self.records.append(record)
+                if record.topic in (TOPICS.groups, TOPICS.group_types):
+                    self.table_feed.append(record)
         return len(batch)
+
+    def feed_group_tables(self) -> None:
+        """Every worker reads the group topics (as TopicFollower does, with some delay)."""
+        for record in self.table_feed:
+            for pipeline in self.pipelines:
+                pipeline.groups.apply(record.topic, record.value)
+        self.table_feed.clear()
 
     def run(self, rng: random.Random | None = None, max_steps: int = 100_000) -> None:
         """Process until every queue is empty: partitions in turn, or in a seeded random order
@@ -153,13 +168,18 @@ class LocalCluster:
         for _ in range(max_steps):
             busy = [p for p in range(self.partitions) if self.queues[p]]
             if not busy:
+                self.feed_group_tables()
                 return
             if rng is None:
                 for p in busy:
                     self.step(p)
+                if self.feed_while_running:
+                    self.feed_group_tables()
             else:
                 self.batch = rng.randint(1, 8)
                 self.step(rng.choice(busy))
+                if self.feed_while_running and rng.random() < 0.3:
+                    self.feed_group_tables()
         raise AssertionError("the identity protocol did not settle")
 
     def tables(self) -> Tables:
@@ -199,3 +219,42 @@ def check_invariants(tables: Tables) -> None:
             continue  # personless id, or a refused creation: the deterministic id stays
         final = overrides.get((row["team_id"], row["distinct_id"]), row["person_id"])
         assert final == did_row["person_id"], f"event {uuid}: person after overrides is not its distinct id's"
+
+
+@dataclass
+class GroupTables:
+    """The group side of the stage's output, shaped like the ClickHouse tables: each group's
+    latest row, each team's type indexes, and each event's group columns (uuid -> row subset)."""
+
+    types: dict[tuple[int, str], int] = field(default_factory=dict)
+    type_records: list[tuple[int, str, int]] = field(default_factory=list)
+    groups: dict[tuple[int, int, str], dict] = field(default_factory=dict)
+    group_versions: list[tuple[int, int, str, int]] = field(default_factory=list)
+    events: dict[str, dict] = field(default_factory=dict)
+    order: list[tuple[int, str, str]] = field(default_factory=list)  # (team, did, uuid) in output order
+
+
+def group_tables_from_records(records: list[Record]) -> GroupTables:
+    t = GroupTables()
+    for r in records:
+        if r.value is None:
+            continue
+        row = orjson.loads(r.value)
+        if r.topic == TOPICS.group_types:
+            t.type_records.append((row["team_id"], row["group_type"], row["group_type_index"]))
+            t.types[(row["team_id"], row["group_type"])] = row["group_type_index"]
+        elif r.topic == TOPICS.groups:
+            key = (row["team_id"], row["group_type_index"], row["group_key"])
+            t.group_versions.append((*key, row["version"]))
+            row = {**row, "group_properties": orjson.loads(row["group_properties"])}
+            _keep_latest(t.groups, key, row)
+        elif r.topic == TOPICS.events_enriched:
+            t.order.append((row["team_id"], row["distinct_id"], row["uuid"]))
+            t.events[row["uuid"]] = {
+                "event": row["event"], "distinct_id": row["distinct_id"], "team_id": row["team_id"],
+                "properties": orjson.loads(row["properties"]),
+                **{f"$group_{i}": row[f"$group_{i}"] for i in range(5)},
+                **{f"group{i}_properties": orjson.loads(row[f"group{i}_properties"] or "null") for i in range(5)},
+                **{f"group{i}_created_at": row[f"group{i}_created_at"] for i in range(5)},
+            }
+    return t

@@ -29,16 +29,27 @@ from headwater.topics import TopicNames
 
 from ..outputs import Record, SourceMessage, dead_letter, warning_record
 from ..state import PartitionState
+from .group_table import GroupTable
 from .homes import Homes
 from .rules import (
+    PERSON_PROPERTIES_SIZE_LIMIT_BYTES,
     PERSONLESS_DISALLOWED_EVENTS,
     decide_process_person,
     illegal_merge,
     merge_other_distinct_id,
     normalize_properties,
     person_uuid,
+    properties_size,
 )
 from .steps import persons
+from .steps.groups import (
+    GROUP_PROPERTY_KEYS,
+    MAX_GROUP_TYPES,
+    assign_types,
+    group_identify_of,
+    named_groups,
+    update_group,
+)
 from .steps.parse import ParsedEvent, parse_raw_event
 from .steps.persons import PERSONLESS_CREATED_AT_US, Changes, EventPerson
 from .steps.row import to_event_row
@@ -65,10 +76,25 @@ def merger_key(team: int) -> str:
     return f"m:{team}"
 
 
+def group_types_key(team: int) -> str:
+    return f"gt:{team}"
+
+
+def group_key(team: int, index: int, key: str) -> str:
+    return f"g:{team}:{index}:{key}"
+
+
+def processes_person(properties: dict[str, Any], opted_out: bool) -> bool:
+    """§1.8 without side effects: whether the event will be processed with a person."""
+    return not opted_out and properties.get("$process_person_profile", True) is not False
+
+
 class IdentityPipeline:
     def __init__(self, topics: TopicNames, teams: dict[str, int], partitions: int,
-                 max_message_bytes: int = 1_000_000, personless_teams: frozenset[int] = frozenset()) -> None:
+                 max_message_bytes: int = 1_000_000, personless_teams: frozenset[int] = frozenset(),
+                 groups: GroupTable | None = None) -> None:
         self.topics = topics
+        self.groups = groups if groups is not None else GroupTable(topics.group_types, topics.groups)
         self.personless_teams = personless_teams
         self.max_message_bytes = max_message_bytes
         self.teams = teams
@@ -143,7 +169,12 @@ class _PartitionRun:
         if len(value) > limit and person.properties:
             # the person's properties beside the event's own overflow one message: keep the event
             self.warn(Warn("person_properties_dropped_from_event", {"eventUuid": ev["u"], "rowBytes": len(value)}), ev)
-            value = orjson.dumps(to_event_row(ev, EventPerson(person.person_id, {}, person.created_at_us)))
+            person = EventPerson(person.person_id, {}, person.created_at_us)
+            value = orjson.dumps(to_event_row(ev, person))
+        if len(value) > limit and ev.get("g"):
+            self.warn(Warn("group_properties_dropped_from_event", {"eventUuid": ev["u"], "rowBytes": len(value)}), ev)
+            ev = {**ev, "g": [[index, key, "{}", created] for index, key, _, created in ev["g"]]}
+            value = orjson.dumps(to_event_row(ev, person))
         if len(value) > limit:
             self.counts["dead_letter"] += 1
             headers = [("dlq_reason", b"event_row_too_large"), ("dlq_stage", STAGE.encode()),
@@ -204,6 +235,8 @@ class _PartitionRun:
             rec.setdefault("q", []).append(ev)
             self.state.put(key, rec)
             return
+        if self._ask_team_about_groups(key, rec, ev):
+            return
         props = ev["p"]
         process, by_property, warning = decide_process_person(props, team in self.pipeline.personless_teams)
         if warning is not None:
@@ -214,7 +247,11 @@ class _PartitionRun:
                            {"eventUuid": ev["u"], "event": ev["e"], "distinctId": did}), ev)
             return
         normalize_properties(ev["e"], props, process, datetime.fromtimestamp(ev["ts"] / 1e6, timezone.utc))
-        if not process:
+        if process:
+            self._add_groups(ev)
+        else:  # §2: a personless event carries no groups
+            for group_property in GROUP_PROPERTY_KEYS:
+                props.pop(group_property, None)
             if rec.get("r") is None:
                 if not rec.get("pl"):
                     self.state.put(key, {**rec, "pl": 1})
@@ -274,6 +311,49 @@ class _PartitionRun:
         self.state.put(key, rec)
         for ev in queued:  # in order; a merge event among them holds the did again, the rest re-queue
             self._on_event({"k": "event", "ev": ev})
+
+    def _ask_team_about_groups(self, key: str, rec: dict[str, Any], ev: dict[str, Any]) -> bool:
+        """Hold the distinct id and ask its team's home when the event names a group type this
+        worker has no answer for, or is a ``$groupidentify`` not yet applied (``gd``). The event
+        waits first in the distinct id's queue; the answer (``grouped``) releases it."""
+        team, props = ev["t"], ev["p"]
+        if not processes_person(props, team in self.pipeline.personless_teams):
+            return False
+        pairs, _ = named_groups(props)
+        identify = group_identify_of(props) if ev["e"] == "$groupidentify" and not ev.get("gd") else None
+        unknown = self.pipeline.groups.unknown(team, [group_type for group_type, _ in pairs])
+        if not unknown and identify is None:
+            return False
+        mid = "g:" + ev["src"]
+        if identify is not None:
+            ev["gd"] = 1
+        rec["h"] = [*rec.get("h", []), mid]
+        rec["q"] = [ev, *rec.get("q", [])]
+        self.state.put(key, rec)
+        gi = None if identify is None else [identify.group_type, identify.group_key, identify.group_set]
+        self.to_merger(team, {"k": "group", "t": team, "mid": mid, "did": ev["d"], "types": unknown, "gi": gi,
+                              "u": ev["u"], "ts": ev["ts"], "now": ev["now"]})
+        return True
+
+    def _add_groups(self, ev: dict[str, Any]) -> None:
+        """§2 ``addGroupProperties``: ``$group_N`` for each named group whose type has an index, and
+        the group's current properties and created_at beside it (the slots ``ev["g"]``)."""
+        pairs, warnings = named_groups(ev["p"])
+        for warning in warnings:
+            self.warn(warning, ev)
+        slots = self.pipeline.groups.slots(ev["t"], pairs)
+        for index, key, _, _ in slots:
+            ev["p"][f"$group_{index}"] = key
+        if slots:
+            ev["g"] = slots
+
+    def _on_grouped(self, msg: dict[str, Any]) -> None:
+        """The team home answered: learn the team's types (and the group it updated), release."""
+        team, table = msg["t"], self.pipeline.groups
+        table.learn_types(team, msg["types"], msg["refused"])
+        if msg["group"] is not None:
+            table.learn_group(team, *msg["group"])
+        self._on_release(msg)
 
     # -- at a person's home ---------------------------------------------------------------------
     def to_person(self, team: int, root: str, msg: dict[str, Any]) -> None:
@@ -374,6 +454,49 @@ class _PartitionRun:
         self.counts["merges"] += 1
         self.emit_event(ev, persons.event_person(merged, ev))
         self._done(msg, msg["root"])
+
+    # -- at the team's home: group types and groups (one writer per team) ------------------------
+    def _on_group(self, msg: dict[str, Any]) -> None:
+        team, gi = msg["t"], msg["gi"]
+        ev = {"t": team, "u": msg["u"], "d": msg["did"], "now": msg["now"]}
+        key = group_types_key(team)
+        registry = self.state.get(key) or {"types": {}, "refused": []}
+        assigned, refused = assign_types(registry, msg["types"] + ([gi[0]] if gi else []))
+        if assigned or refused:
+            self.state.put(key, registry)
+        for group_type, index in assigned.items():
+            row = {"team_id": team, "group_type": group_type, "group_type_index": index}
+            self.out.append(Record(self.topics.group_types, f"{team}:{group_type}".encode(), orjson.dumps(row)))
+        for group_type in refused:  # PostHog ignores a 6th type silently; we say so, once per type
+            self.warn(Warn("group_type_limit_reached", {"groupType": group_type, "maxGroupTypes": MAX_GROUP_TYPES,
+                                                        "groupTypes": registry["types"]}), ev)
+        group = None
+        index = None if gi is None or gi[1] is None else registry["types"].get(gi[0])
+        if index is not None:
+            group = self._update_group(team, index, gi[1], gi[2], msg, ev)
+        self.to_did(team, msg["did"], {"k": "grouped", "t": team, "mid": msg["mid"], "did": msg["did"],
+                                       "types": registry["types"], "refused": registry["refused"], "group": group})
+
+    def _update_group(self, team: int, index: int, key: str, group_set: dict, msg: dict[str, Any],
+                      ev: dict[str, Any]) -> list[Any] | None:
+        """§2 upsert of one group; publishes a changed group. Returns the group as the table learns it."""
+        state_key = group_key(team, index, key)
+        current = self.state.get(state_key)
+        updated = update_group(current, group_set, msg["ts"], msg["now"])
+        if updated is not None and properties_size(updated["props"]) > PERSON_PROPERTIES_SIZE_LIMIT_BYTES:
+            self.warn(Warn("group_properties_size_violation", {"groupTypeIndex": index, "groupKey": key,
+                                                               "limitBytes": PERSON_PROPERTIES_SIZE_LIMIT_BYTES}), ev)
+            updated = None
+        group = updated or current
+        if group is None:
+            return None
+        properties = orjson.dumps(group["props"]).decode()
+        if updated is not None:
+            self.state.put(state_key, updated)
+            row = {"team_id": team, "group_type_index": index, "group_key": key, "group_properties": properties,
+                   "created_at": updated["created"], "version": updated["v"]}
+            self.out.append(Record(self.topics.groups, f"{team}:{index}:{key}".encode(), orjson.dumps(row)))
+        return [index, key, group["v"], properties, group["created"]]
 
     # -- at the team's merger -------------------------------------------------------------------
     def _on_merge(self, msg: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -125,6 +126,41 @@ def js_differs(old: Any, new: Any) -> bool:
     if isinstance(old, (int, float)) and isinstance(new, (int, float)):
         return not old == new
     return type(old) is not type(new) or old != new
+
+
+_JS_NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|Infinity)$")
+
+
+def _js_to_number(value: str) -> float:
+    """JS ``Number(string)`` for decimal text (hex/octal/binary literals are not reproduced)."""
+    text = value.strip()
+    if text == "":
+        return 0.0
+    if not _JS_NUMBER.match(text):
+        return math.nan
+    return float(text.replace("Infinity", "inf"))
+
+
+def js_loose_equals(old: Any, new: Any) -> bool:
+    """JS ``old == new`` for JSON scalars (§2: a group property is updated when ``value != old``):
+    ``1 == "1"``, ``true == 1``, ``"" == 0``, ``null`` equals only ``null``. Objects and arrays
+    compare by value here, not by reference as in JS, so re-sending the same nested value is not
+    a change (PostHog would bump the group's version every time)."""
+    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+        return type(old) is type(new) and old == new
+    if old is None or new is None:
+        return old is None and new is None
+    if isinstance(old, bool):
+        old = 1.0 if old else 0.0
+    if isinstance(new, bool):
+        new = 1.0 if new else 0.0
+    if isinstance(old, str) and isinstance(new, str):
+        return old == new
+    if isinstance(old, str):
+        old = _js_to_number(old)
+    if isinstance(new, str):
+        new = _js_to_number(new)
+    return old == new
 
 
 def properties_size(properties: dict) -> int:
