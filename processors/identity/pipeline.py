@@ -12,6 +12,11 @@ parse → (held? queue) → decide person processing → normalize → merge req
 use, or create / apply at the person's home. Merge messages: ``merge`` → merger → ``resolve``
 (both dids) → ``resolve_p`` (their persons) → ``resolved`` → one of ``create``, ``add``,
 ``identify``, ``give``→``take`` → ``done`` → ``release`` (both dids).
+
+Groups (ADR 0004): an event naming a group type its worker's ``GroupTable`` cannot answer, or a
+``$groupidentify``, holds its distinct id and sends ``group`` to the team's home (the merger's
+partition), which assigns types, updates the group, publishes both and answers ``grouped``; the
+answer is learned and releases the distinct id. Other events read the table only.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from processors.identity.rules import js_loose_equals
 from processors.identity.steps.groups import assign_types, group_identify_of, named_groups, update_group
-from tests.identity_harness import LocalCluster, group_tables_from_records, tables_from_records
+from tests.identity_harness import LocalCluster, check_invariants, group_tables_from_records, tables_from_records
 from tests.reference.persons_model import Event
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -181,16 +181,21 @@ def test_an_event_after_its_distinct_ids_groupidentify_sees_the_update_at_once()
 @pytest.mark.parametrize("seed", range(30))
 def test_concurrent_first_use_never_gives_one_type_two_indexes(seed: int) -> None:
     """Types first used at once from many distinct ids (so many partitions) and two workers,
-    scheduled at random: each type is published once, indexes are 0..4 without gaps, every
-    event names the index its type got, and each distinct id's events keep their order."""
+    scheduled at random, with merges among them: each type is published once, indexes are 0..4
+    without gaps, every event names the index its type got, each distinct id's events keep their
+    order, and the identity invariants hold."""
     rng = random.Random(seed)
     types = [f"type{i}" for i in range(7)]
     events = []
     for i in range(60):
         named = rng.sample(types, rng.randint(1, 3))
         team = rng.choice([1, 2])
-        if rng.random() < 0.2:
+        roll = rng.random()
+        if roll < 0.2:
             events.append(group_identify(f"u{i % 13}", rng.choice(types), f"k{i % 4}", {"n": i}, team=team))
+        elif roll < 0.35:  # merges interleave with group questions on the same distinct ids
+            events.append(ev(f"u{i % 13}", "$identify", team=team, **{"$anon_distinct_id": f"u{rng.randrange(13)}",
+                                                                      "$groups": {t: f"k{i % 4}" for t in named}}))
         else:
             events.append(ev(f"u{i % 13}", "e", team=team, **{"$groups": {t: f"k{i % 4}" for t in named}}))
     cluster = run(events, partitions=5, workers=2, rng=rng, step_at_a_time=False)
@@ -209,6 +214,7 @@ def test_concurrent_first_use_never_gives_one_type_two_indexes(seed: int) -> Non
         for did in {e.distinct_id for e in events if e.team_id == team}:
             sent = [e.uuid for e in events if (e.team_id, e.distinct_id) == (team, did)]
             assert [u for t, d, u in g.order if (t, d) == (team, did)] == sent
+    check_invariants(tables_from_records(cluster.records))
     versions: dict = {}
     for team, index, key, version in g.group_versions:
         assert version == versions.get((team, index, key), 0) + 1  # one writer: versions never skip or repeat
