@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
@@ -125,7 +126,9 @@ def demo(
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="The SQL to run."),
+    query: Optional[str] = typer.Argument(None, help="The SQL to run (or use --file)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Read the SQL from this file (a docs/sql/ query: its `headwater.` database becomes the configured one)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="A query parameter NAME=VALUE for {NAME:Type} in the SQL; repeatable."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | tsv | json"),
 ) -> None:
     """Run SQL against the configured ClickHouse and print the result."""
@@ -135,7 +138,19 @@ def sql(
 
     from .tables import render
 
+    if (query is None) == (file is None):
+        typer.echo("headwater sql: give either the SQL or --file FILE", err=True)
+        raise typer.Exit(2)
     settings = _settings()
+    if file is not None:  # cookbook files name the default database; run them against the configured one
+        query = re.sub(r"\bheadwater\.", f"{settings.clickhouse.database}.", file.read_text())
+    parameters = {}
+    for item in param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            typer.echo(f"headwater sql: --param takes NAME=VALUE, not {item!r}", err=True)
+            raise typer.Exit(2)
+        parameters[name] = value
     target = settings.clickhouse
     try:
         client = connect(target)
@@ -145,7 +160,7 @@ def sql(
             typer.echo("Is `headwater up` running? (or set HEADWATER_CLICKHOUSE_URL)", err=True)
         raise typer.Exit(1) from None
     try:
-        result = client.query(query)
+        result = client.query(query, parameters=parameters or None)
     except ClickHouseError as exc:
         typer.echo(str(exc).strip(), err=True)
         raise typer.Exit(1) from None

@@ -76,12 +76,19 @@ def _send_workload(client: Client, *, users: int, companies: int, seed: int = 7)
 
 REPORT = [
     (
-        "Weekly active companies",
-        """SELECT toStartOfWeek(timestamp) AS week,
-                  uniqExact(JSONExtractString(properties, '$groups', 'company')) AS active_companies
-           FROM {db}.events
-           WHERE JSONExtractString(properties, '$groups', 'company') != ''
-           GROUP BY week ORDER BY week""",
+        "Weekly active companies (the $group_N column of the company type)",
+        """SELECT toStartOfWeek(timestamp, 1) AS week, uniqExact({company}) AS active_companies
+           FROM {db}.events WHERE {company} != '' GROUP BY week ORDER BY week""",
+    ),
+    (
+        "Top companies, with their current properties (groups_latest)",
+        """SELECT e.company, JSONExtractString(g.group_properties, 'name') AS name,
+                  JSONExtractString(g.group_properties, 'plan') AS plan, g.version, e.events
+           FROM (SELECT {company} AS company, count() AS events FROM {db}.events
+                 WHERE company != '' AND event != '$groupidentify' GROUP BY company) AS e
+           LEFT JOIN (SELECT group_key, group_properties, version FROM {db}.groups_latest
+                      WHERE group_type_index = {company_index}) AS g ON g.group_key = e.company
+           ORDER BY e.events DESC, e.company LIMIT 5""",
     ),
     (
         "Signup funnel (visitors who viewed a page → viewed pricing → signed up, within 14 days)",
@@ -132,8 +139,10 @@ def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: in
             typer.echo(f"demo: only {rows:,} of {work.events:,} events arrived in 180 s; see {stack.data_dir}/logs", err=True)
             raise typer.Exit(1)
         time.sleep(0.5)
+    index = f"(SELECT any(group_type_index) FROM {db}.group_types WHERE group_type = 'company')"
+    company = f"[`$group_0`, `$group_1`, `$group_2`, `$group_3`, `$group_4`][{index} + 1]"
     for title, query in REPORT:
-        result = ch.query(query.format(db=db))
+        result = ch.query(query.format(db=db, company=company, company_index=index))
         typer.echo(f"\n== {title}\n{render(result.column_names, result.result_rows)}")
     typer.echo(f"\nRun your own: headwater sql \"SELECT ... FROM {db}.events\" (while `headwater up` runs)")
     ch.close()

@@ -113,9 +113,16 @@ def test_demo_prints_query_results_from_clickhouse(tmp_path):
     result = headwater(env, "demo", "--users", "40", "--companies", "5", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for title in ("Weekly active companies", "Signup funnel", "Sessions", "Top events"):
+    for title in ("Weekly active companies", "Top companies", "Signup funnel", "Sessions", "Top events"):
         assert f"== {title}" in out
     assert "$pageview" in out
+    # every company's events carry its group key, and its current properties come from groups_latest
+    top = out.split("== Top companies")[1].split("\n\n")[0].splitlines()[3:-1]
+    assert len(top) == 5, top
+    for line in top:
+        company, name, plan, version, events = [c.strip() for c in line.split("|")]
+        assert name == company.replace("-", " ").title() and plan in ("free", "pro", "enterprise")
+        assert version == "1" and int(events) > 0
     # the funnel row holds three numbers, decreasing
     funnel = out.split("== Signup funnel")[1].splitlines()
     numbers = [int(x) for x in funnel[3].split("|")]
