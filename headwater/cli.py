@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import signal
@@ -124,6 +125,19 @@ def demo(
             run_until_stopped(stack, settings, stop)
 
 
+def _param_value(text: str) -> object:
+    """A --param value: ``['a','b']`` / ``[1,2]`` become lists (for ``Array(...)`` parameters);
+    everything else stays text, which ClickHouse parses into the parameter's declared type."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise typer.BadParameter(f"{text!r} looks like an array but is not one (write ['a','b'])") from None
+        if isinstance(value, list):
+            return value
+    return text
+
+
 @app.command()
 def sql(
     query: Optional[str] = typer.Argument(None, help="The SQL to run (or use --file)."),
@@ -150,7 +164,7 @@ def sql(
         if not sep or not name:
             typer.echo(f"headwater sql: --param takes NAME=VALUE, not {item!r}", err=True)
             raise typer.Exit(2)
-        parameters[name] = value
+        parameters[name] = _param_value(value)
     target = settings.clickhouse
     try:
         client = connect(target)

@@ -494,3 +494,27 @@ def test_top_groups_with_latest_properties(loaded, clickhouse, team, group_type,
             if date_from <= e.timestamp.date() <= date_to:
                 distinct_ids[key].add(e.distinct_id)
         assert any(row[2] < len(distinct_ids[row[0]]) for row in expected)
+
+
+def test_headwater_sql_runs_a_cookbook_file_with_array_and_date_parameters(loaded, clickhouse, test_env):
+    """What docs/sql/README.md tells analysts: ``headwater sql --file ... -p name=value``; the
+    file's ``headwater.`` becomes the configured database, ``['a','b']`` an Array(String)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    expected = cookbook.run(clickhouse, "groups/group_funnel", loaded, team_id=TEAM, group_type="company",
+                            steps=list(FUNNEL), window_seconds=7 * 86400, date_from=MONDAY, date_to=date(2024, 3, 31))
+    out = subprocess.run(
+        [sys.executable, "-m", "headwater.cli", "sql", "--file", str(cookbook.path("groups/group_funnel")),
+         "-p", f"team_id={TEAM}", "-p", "group_type=company", "-p", "steps=['signed_up','invited_teammate','paid']",
+         "-p", "window_seconds=604800", "-p", "date_from=2024-01-01", "-p", "date_to=2024-03-31", "--format", "json"],
+        env={**os.environ, **test_env}, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["step"], r["step_event"], r["groups"]) for r in got] == [(s, e, g) for s, e, g, _ in expected]
+    bad = subprocess.run([sys.executable, "-m", "headwater.cli", "sql", "SELECT 1", "-p", "oops"],
+                         env={**os.environ, **test_env}, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
