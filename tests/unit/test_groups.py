@@ -110,6 +110,8 @@ def test_groupidentify_updates_the_group_and_versions_only_on_change() -> None:
     assert row["group_properties"] == {"name": "Acme", "seats": 5, "plan": "pro"}
     assert row["version"] == 2 and row["created_at"] == us(T0 - timedelta(days=2))
     assert all(e["event"] == "$groupidentify" for e in g.events.values()) and len(g.events) == 3
+    keys = {(r.topic, r.key) for r in cluster.records if r.topic in ("groups", "group_types")}
+    assert keys == {("groups", b"1:0:acme"), ("group_types", b"1:company")}  # the compacted topics' keys
 
 
 def test_events_get_group_columns_and_the_groups_current_properties() -> None:
