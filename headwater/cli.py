@@ -220,6 +220,7 @@ def worker(
     from processors.follower import TopicFollower
     from processors.identity.group_table import GroupTable
     from processors.identity.pipeline import IdentityPipeline
+    from processors.identity.steps.sessions import SessionRules
     from processors.runtime import StageRunner
 
     from .kafka_admin import co_partitioned_count
@@ -234,8 +235,10 @@ def worker(
     inputs = [names.events_raw, names.identity_inbox]
     partitions = co_partitioned_count(settings, [*inputs, names.identity_changelog])
     groups = GroupTable(names.group_types, names.groups)
+    sessions = SessionRules(timeout_us=settings.session_timeout_s * 1_000_000, max_length_us=settings.session_max_s * 1_000_000,
+                            lateness_us=settings.session_lateness_s * 1_000_000)
     pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes,
-                                settings.personless_team_ids, groups)
+                                settings.personless_team_ids, groups, sessions)
     follower = TopicFollower(settings, [names.group_types, names.groups], groups.apply, name="group-table")
     runner = StageRunner(settings, name=stage, input_topics=inputs, stage=pipeline,
                          changelog_topic=names.identity_changelog, worker_id=worker_id, followers=[follower])

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     #: teams with PostHog's ``person_processing_opt_out``: every event personless (semantics §1.8)
     personless_teams: str = ""
     capture_addr: str = "127.0.0.1:8000"
+    #: server-side sessions of events without ``$session_id`` (semantics §3, posthog-js defaults)
+    session_timeout_s: int = Field(default=1800, ge=1, description="Inactivity that ends a server-side session.")
+    session_max_s: int = Field(default=86_400, ge=1, description="Longest server-side session.")
+    session_lateness_s: int = Field(
+        default=3600, ge=0, description="How late an out-of-order event may be and still join its session."
+    )
 
     # Stages ------------------------------------------------------------------------------------
     processor_batch_size: int = Field(default=5000, ge=1)

@@ -57,6 +57,7 @@ from .steps.groups import (
 )
 from .steps.parse import ParsedEvent, parse_raw_event
 from .steps.persons import PERSONLESS_CREATED_AT_US, Changes, EventPerson
+from .steps.sessions import SessionRules, assign_session, client_session_id
 from .steps.row import to_event_row
 
 STAGE = "identity"
@@ -89,6 +90,10 @@ def group_key(team: int, index: int, key: str) -> str:
     return f"g:{team}:{index}:{key}"
 
 
+def session_key(team: int, person_id: str) -> str:
+    return f"s:{team}:{person_id}"
+
+
 def processes_person(properties: dict[str, Any], opted_out: bool) -> bool:
     """§1.8 without side effects: whether the event will be processed with a person."""
     return not opted_out and properties.get("$process_person_profile", True) is not False
@@ -97,8 +102,9 @@ def processes_person(properties: dict[str, Any], opted_out: bool) -> bool:
 class IdentityPipeline:
     def __init__(self, topics: TopicNames, teams: dict[str, int], partitions: int,
                  max_message_bytes: int = 1_000_000, personless_teams: frozenset[int] = frozenset(),
-                 groups: GroupTable | None = None) -> None:
+                 groups: GroupTable | None = None, sessions: SessionRules | None = None) -> None:
         self.topics = topics
+        self.session_rules = sessions if sessions is not None else SessionRules()
         self.groups = groups if groups is not None else GroupTable(topics.group_types, topics.groups)
         self.personless_teams = personless_teams
         self.max_message_bytes = max_message_bytes
@@ -168,6 +174,7 @@ class _PartitionRun:
                                        event_uuid=ev["u"], distinct_id=ev["d"], timestamp_us=ev["now"]))
 
     def emit_event(self, ev: dict[str, Any], person: EventPerson) -> None:
+        self._session(ev, person.person_id)
         key = f"{ev['t']}:{ev['d']}".encode()
         value = orjson.dumps(to_event_row(ev, person))
         limit = self.pipeline.max_message_bytes
@@ -188,6 +195,20 @@ class _PartitionRun:
             return
         self.counts["ok"] += 1
         self.out.append(Record(self.topics.events_enriched, key, value))
+
+    def _session(self, ev: dict[str, Any], person_id: str) -> None:
+        """§3: a client ``$session_id`` stays (a UUID lower-cased); an event without one gets its
+        person's server-side session. Events are emitted at their person's home, so the person's
+        session state (``s:``) is always here."""
+        props = ev["p"]
+        client = client_session_id(props.get("$session_id"))
+        if client is not None:
+            props["$session_id"] = client
+            return
+        key = session_key(ev["t"], person_id)
+        session_id, state = assign_session(self.state.get(key), ev["t"], person_id, ev["ts"], self.pipeline.session_rules)
+        self.state.put(key, state)
+        props["$session_id"] = session_id
 
     def publish(self, team: int, changes: Changes, ev: dict[str, Any]) -> None:
         for person in changes.persons:
@@ -445,6 +466,7 @@ class _PartitionRun:
         if source is None:
             return
         self.state.put(person_key(team, source_root), {"fwd": target_root})
+        self.state.delete(session_key(team, source["id"]))  # its events are the target's now
         self.to_person(team, target_root, {**msg, "k": "take", "root": target_root, "source": source})
 
     def _on_take(self, msg: dict[str, Any]) -> None:
