@@ -58,3 +58,22 @@ def test_every_statement_of_every_migration_runs_on_the_cluster_in_cluster_mode(
     for migration in load_migrations():
         for statement in migration.statements("hw", "main"):
             assert "ON CLUSTER main" in statement, f"{migration.version:04d}_{migration.name}: {statement[:80]}"
+
+
+def test_the_sessions_migration_renders_an_aggregating_table_a_materialized_view_and_a_view():
+    (sessions,) = [m for m in load_migrations() if m.name == "sessions"]
+    assert sessions.version == 5
+    single = sessions.statements("hw")
+    assert [next(line for line in s.splitlines() if line.startswith("CREATE")) for s in single] == [
+        "CREATE TABLE IF NOT EXISTS hw.sessions_agg",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS hw.sessions_mv",
+        "CREATE VIEW IF NOT EXISTS hw.sessions AS",
+    ]
+    assert "ENGINE = AggregatingMergeTree()" in single[0] and "ON CLUSTER" not in "".join(single)
+    table, mv, view = sessions.statements("hw", "main")
+    assert "CREATE TABLE IF NOT EXISTS hw.sessions_agg ON CLUSTER main\n" in table
+    assert "ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/hw.sessions_agg', '{replica}')\n" in table
+    # the materialized view writes TO the replicated table: it has no engine of its own to replicate
+    assert "CREATE MATERIALIZED VIEW IF NOT EXISTS hw.sessions_mv ON CLUSTER main\nTO hw.sessions_agg\n" in mv
+    assert "ENGINE" not in mv and "FROM hw.events\n" in mv
+    assert "CREATE VIEW IF NOT EXISTS hw.sessions ON CLUSTER main AS\n" in view and "ENGINE" not in view
