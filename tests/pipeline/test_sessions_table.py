@@ -394,6 +394,23 @@ def test_the_backfill_of_the_adr_rebuilds_the_sessions_of_earlier_events_and_can
     assert sessions(clickhouse, db) == expected
 
 
+def test_migration_0005_runs_again_harmlessly(clickhouse, db):
+    """Two processes starting together may both run it: nothing changes, no second view feeds."""
+    (migration,) = [m for m in load_migrations() if m.version == 5]
+    insert(clickhouse, db, dataset()[0])
+    before = sessions(clickhouse, db)
+
+    for statement in migration.statements(db):
+        clickhouse.command(statement)
+    insert(clickhouse, db, dataset()[1])
+
+    assert clickhouse.query(
+        f"SELECT name FROM system.tables WHERE database = '{db}' AND name LIKE 'sessions%' ORDER BY name"
+    ).result_rows == [("sessions",), ("sessions_agg",), ("sessions_mv",)]
+    assert before == expected_sessions(dataset()[0])
+    assert sessions(clickhouse, db) == expected_sessions(dataset()[0] + dataset()[1])
+
+
 def test_the_cluster_rendering_of_migration_0005_parses(clickhouse, db):
     """The server parses every statement as rendered for a cluster (formatQuery runs nothing)."""
     (migration,) = [m for m in load_migrations() if m.version == 5]
