@@ -100,13 +100,12 @@ REPORT = [
                  FROM {db}.events GROUP BY distinct_id)""",
     ),
     (
-        "Sessions (client sessions from $session_id)",
+        "Sessions (the sessions table: client sessions, and server-side ones for backend events)",
         """SELECT count() AS sessions, toUInt32(avg(duration_s)) AS avg_duration_s,
                   round(avg(pageviews), 2) AS pageviews_per_session,
-                  round(100 * avg(pageviews = 1), 1) AS bounce_rate_pct
-           FROM (SELECT `$session_id`, dateDiff('second', min(timestamp), max(timestamp)) AS duration_s,
-                        countIf(event = '$pageview') AS pageviews
-                 FROM {db}.events WHERE `$session_id` != '' GROUP BY `$session_id`)""",
+                  round(100 * avgIf(is_bounce, is_bounce IS NOT NULL), 1) AS bounce_rate_pct,
+                  countIf(pageviews = 0) AS backend_only_sessions
+           FROM {db}.sessions""",
     ),
     (
         "Top events",

@@ -123,6 +123,10 @@ def test_demo_prints_query_results_from_clickhouse(tmp_path):
         company, name, plan, version, events = [c.strip() for c in line.split("|")]
         assert name == company.replace("-", " ").title() and plan in ("free", "pro", "enterprise")
         assert version == "1" and int(events) > 0
+    # web sessions from the SDK's $session_id, and server-side sessions of the billing backend
+    sessions = out.split("== Sessions")[1].splitlines()
+    count, _, _, bounce, backend_only = [c.strip() for c in sessions[3].split("|")]
+    assert int(count) > int(backend_only) > 0 and 0 <= float(bounce) <= 100
     # the funnel row holds three numbers, decreasing
     funnel = out.split("== Signup funnel")[1].splitlines()
     numbers = [int(x) for x in funnel[3].split("|")]
