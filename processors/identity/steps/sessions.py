@@ -36,6 +36,7 @@ an event. ``s`` is in order of use, least recent first; at most ``SessionRules.m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class SessionRules:
             raise ValueError("a session state must keep at least one session")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; a session's events ask for its id again and again
 def session_uuid7(team_id: int, person_id: str, start_us: int) -> str:
     """The server-side session id: a UUIDv7 (lower-case canonical text) whose 48-bit timestamp is
     ``start_us // 1000`` (ms; masked to 48 bits), version 7, variant ``10``, and whose other 74
