@@ -261,9 +261,10 @@ class _PartitionRun:
             rec.setdefault("q", []).append(ev)
             self.state.put(key, rec)
             return
-        if self._ask_team_about_groups(key, rec, ev):
-            return
         props = ev["p"]
+        groups = named_groups(props) if processes_person(props, team in self.pipeline.personless_teams) else None
+        if groups is not None and self._ask_team_about_groups(key, rec, ev, groups[0]):
+            return
         process, by_property, warning = decide_process_person(props, team in self.pipeline.personless_teams)
         if warning is not None:
             self.warn(Warn("invalid_process_person_profile", warning), ev)
@@ -273,9 +274,9 @@ class _PartitionRun:
                            {"eventUuid": ev["u"], "event": ev["e"], "distinctId": did}), ev)
             return
         normalize_properties(ev["e"], props, process, datetime.fromtimestamp(ev["ts"] / 1e6, timezone.utc))
-        if process:
-            self._add_groups(ev)
-        else:  # §2: a personless event carries no groups
+        if groups is not None:
+            self._add_groups(ev, *groups)
+        else:  # personless (§1.8; `groups` is None exactly then): no person, and §2 no groups
             for group_property in GROUP_PROPERTY_KEYS:
                 props.pop(group_property, None)
             if rec.get("r") is None:
@@ -338,14 +339,12 @@ class _PartitionRun:
         for ev in queued:  # in order; a merge event among them holds the did again, the rest re-queue
             self._on_event({"k": "event", "ev": ev})
 
-    def _ask_team_about_groups(self, key: str, rec: dict[str, Any], ev: dict[str, Any]) -> bool:
+    def _ask_team_about_groups(self, key: str, rec: dict[str, Any], ev: dict[str, Any],
+                               pairs: list[tuple[str, str]]) -> bool:
         """Hold the distinct id and ask its team's home when the event names a group type this
         worker has no answer for, or is a ``$groupidentify`` not yet applied (``gd``). The event
         waits first in the distinct id's queue; the answer (``grouped``) releases it."""
         team, props = ev["t"], ev["p"]
-        if not processes_person(props, team in self.pipeline.personless_teams):
-            return False
-        pairs, _ = named_groups(props)
         identify = group_identify_of(props) if ev["e"] == "$groupidentify" and not ev.get("gd") else None
         unknown = self.pipeline.groups.unknown(team, [group_type for group_type, _ in pairs])
         if not unknown and identify is None:
@@ -361,10 +360,9 @@ class _PartitionRun:
                               "u": ev["u"], "ts": ev["ts"], "now": ev["now"]})
         return True
 
-    def _add_groups(self, ev: dict[str, Any]) -> None:
+    def _add_groups(self, ev: dict[str, Any], pairs: list[tuple[str, str]], warnings: list[Warn]) -> None:
         """§2 ``addGroupProperties``: ``$group_N`` for each named group whose type has an index, and
         the group's current properties and created_at beside it (the slots ``ev["g"]``)."""
-        pairs, warnings = named_groups(ev["p"])
         for warning in warnings:
             self.warn(warning, ev)
         slots = self.pipeline.groups.slots(ev["t"], pairs)

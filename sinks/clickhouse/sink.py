@@ -62,16 +62,8 @@ DEAD_LETTER_COLUMNS = (
 )
 
 
-# Event rows written by processors older than migration 0004 have no groupN_created_at keys; the
-# rows still on events_enriched when the sink is upgraded get the columns' default (0) instead of
-# becoming dead letters.
-_GROUP_CREATED_AT_DEFAULTS = {f"group{i}_created_at": 0 for i in range(GROUP_SLOTS)}
-
-
 def event_row(message: Message) -> list[Any]:
     row = orjson.loads(message.value())
-    if "group0_created_at" not in row:
-        row = {**_GROUP_CREATED_AT_DEFAULTS, **row}
     return [row[c] for c in EVENT_COLUMNS]
 
 

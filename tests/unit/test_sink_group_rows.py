@@ -168,15 +168,7 @@ def test_the_group_creation_times_follow_the_group_properties_in_the_event_colum
     assert event_row(FakeMessage(orjson.dumps(value), topic="events_enriched")) == [value[c] for c in EVENT_COLUMNS]
 
 
-def test_an_event_row_from_before_the_group_creation_times_gets_zeros():
-    """Rows a processor wrote before migration 0004 may still be on events_enriched at an upgrade."""
-    old = {k: v for k, v in event().items() if not k.endswith("_created_at") or k in ("person_created_at", "created_at")}
-    assert "group0_created_at" not in old
-    row = event_row(FakeMessage(orjson.dumps(old), topic="events_enriched"))
-    assert row == [event()[c] for c in EVENT_COLUMNS]
-
-
-def test_an_event_row_missing_another_column_is_still_refused():
+def test_an_event_row_missing_a_column_is_refused():
     value = event()
     del value["person_created_at"]
     with pytest.raises(KeyError):
