@@ -199,12 +199,42 @@ def topics(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 
 
 @app.command()
-def migrate() -> None:
-    """Apply the ClickHouse migrations that are not applied yet (idempotent)."""
+def migrate(
+    print_sql: bool = typer.Option(
+        False, "--print",
+        help="Print the SQL instead of running it (connects to nothing): every statement this command would "
+        "run on an empty database, recording of each migration included, separated by blank lines.",
+    ),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", metavar="NAME",
+        help="With --print: render for this ClickHouse cluster (ON CLUSTER, Replicated local tables behind "
+        "Distributed ones; ADR 0008) instead of HEADWATER_CLICKHOUSE_CLUSTER.",
+    ),
+) -> None:
+    """Apply the ClickHouse migrations that are not applied yet (idempotent), or print them (--print)
+    to review or apply by hand. The database is HEADWATER_CLICKHOUSE_URL's; cluster mode is
+    HEADWATER_CLICKHOUSE_CLUSTER."""
+    from sinks.clickhouse.migrate import script
+
+    if cluster is not None and not print_sql:
+        typer.echo("headwater migrate: --cluster goes with --print; to apply for a cluster, set "
+                   "HEADWATER_CLICKHOUSE_CLUSTER (the sink applies migrations with it too)", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    if print_sql:
+        if cluster is not None:
+            try:
+                settings = Settings(clickhouse_cluster=cluster)
+            except ValueError:
+                typer.echo(f"headwater migrate: --cluster {cluster!r} is not a plain identifier", err=True)
+                raise typer.Exit(2) from None
+        statements = script(settings.clickhouse.database, settings.clickhouse_cluster)
+        typer.echo(";\n\n".join(statements) + ";")
+        return
+
     from sinks.clickhouse.client import connect
     from sinks.clickhouse.migrate import apply_migrations
 
-    settings = _settings()
     client = connect(settings.clickhouse)
     applied = apply_migrations(client, settings.clickhouse.database, settings.clickhouse_cluster)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing, schema is up to date"))

@@ -418,9 +418,13 @@ def test_the_cluster_rendering_of_migration_0005_parses(clickhouse, db):
         clickhouse.query("SELECT formatQuery({sql:String})", parameters={"sql": statement}).result_rows[0][0]
         for statement in migration.statements("hw", "main")
     ]
-    table, mv, view = formatted
-    assert table.startswith("CREATE TABLE IF NOT EXISTS hw.sessions_agg ON CLUSTER main\n")
-    assert "ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/hw.sessions_agg', '{replica}')" in table
-    assert mv.startswith("CREATE MATERIALIZED VIEW IF NOT EXISTS hw.sessions_mv ON CLUSTER main TO hw.sessions_agg")
-    assert "FROM hw.events" in mv and "ENGINE" not in mv
-    assert view.startswith("CREATE VIEW IF NOT EXISTS hw.sessions ON CLUSTER main\nAS SELECT") and "FROM hw.sessions_agg" in view
+    local, distributed, mv, view = formatted
+    assert local.startswith("CREATE TABLE IF NOT EXISTS hw.sessions_agg_local ON CLUSTER main\n")
+    assert "ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/hw.sessions_agg_local', '{replica}')" in local
+    assert distributed.startswith("CREATE TABLE IF NOT EXISTS hw.sessions_agg ON CLUSTER main AS hw.sessions_agg_local")
+    assert "ENGINE = Distributed('main', 'hw', 'sessions_agg_local', cityHash64(team_id, session_id))" in distributed
+    # ADR 0008: the materialized view fires on each shard's local events and writes its local states
+    assert mv.startswith("CREATE MATERIALIZED VIEW IF NOT EXISTS hw.sessions_mv ON CLUSTER main TO hw.sessions_agg_local")
+    assert "FROM hw.events_local" in mv and "ENGINE" not in mv
+    assert view.startswith("CREATE VIEW IF NOT EXISTS hw.sessions ON CLUSTER main\nAS SELECT")
+    assert "FROM hw.sessions_agg\n" in view and "_local" not in view
