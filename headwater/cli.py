@@ -287,7 +287,7 @@ def sink(
 
     _logging(verbose)
     settings = _settings()
-    client = connect(settings.clickhouse)
+    client = connect(settings.clickhouse, form_encode_query_params=True)  # uuid lookups: big parameters
     apply_migrations(client, settings.clickhouse.database, settings.clickhouse_cluster)
     ClickHouseSink(settings, client, worker_id=worker_id).run(_stop_event())
 

@@ -17,7 +17,7 @@ from sinks.clickhouse.sink import ClickHouseSink
 @contextmanager
 def running_sink(settings: Settings) -> Iterator[ClickHouseSink]:
     """The real sink, in a thread of this process, with its own ClickHouse client; stopped on exit."""
-    client = connect(settings.clickhouse)
+    client = connect(settings.clickhouse, form_encode_query_params=True)
     sink = ClickHouseSink(settings, client, worker_id="test")
     stop = threading.Event()
     errors: list[BaseException] = []

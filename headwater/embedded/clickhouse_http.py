@@ -3,6 +3,8 @@
 Supported: GET ``/`` and ``/ping`` (``Ok.``); queries in the ``query`` URL parameter and/or the
 POST body (GET is read-only, as in ClickHouse); streaming ``INSERT ... FORMAT <fmt>`` with the data
 after the statement, plain or ``Content-Encoding: lz4`` (one or more frames), ``gzip`` or ``deflate``;
+``INSERT ... SELECT ... FROM input('structure') FORMAT <fmt>`` with the data in the request (staged in a
+file of the data folder, since chDB's streaming insert takes no SELECT);
 multipart/form-data ``query``/``param_*`` fields; server-side parameters (``param_x`` for
 ``{x:Type}``); any ClickHouse setting given as a URL parameter (applied to that request only);
 ``database`` / ``X-ClickHouse-Database``; ``default_format`` / ``X-ClickHouse-Format``; users with
@@ -81,6 +83,7 @@ _FORMAT_RE = re.compile(rb"\sFORMAT\s+(\w+)[ \t]*(?:\r?\n)?", re.I)
 _INSERT_RE = re.compile(rb"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*INSERT\s", re.I | re.S)
 _VALUES_RE = re.compile(rb"\bVALUES\b", re.I)
 _OUT_FORMAT_RE = re.compile(r"\bFORMAT\s+(\w+)(?:\s+SETTINGS\b[^;]*)?\s*;?\s*$", re.I | re.S)
+_INPUT_RE = re.compile(r"\binput\s*\(", re.I)  # the input() table function of INSERT ... SELECT
 _SETTING_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _HEAD_LIMIT = 1 << 20
 _MAX_CACHED_CONNECTIONS = 8
@@ -299,7 +302,9 @@ class EmbeddedClickHouse:
             conn, temp = self._connection(settings, database, readonly, cls == _CONTROL
                                           or re.match(r"\s*CREATE\s+TEMPORARY\b", sql, re.I) is not None)
             try:
-                if fmt is not None:
+                if fmt is not None and _INPUT_RE.search(sql):
+                    out, stats = self._insert_select_from_input(conn, sql, fmt, data)
+                elif fmt is not None:
                     inserter = conn.send_insert(sql, fmt)
                     try:
                         for chunk in data:
@@ -328,6 +333,25 @@ class EmbeddedClickHouse:
             out_fmt = m.group(1) if m else params.get("default_format") or "TabSeparated"
             headers.update({"X-ClickHouse-Format": out_fmt, "Content-Type": _content_type(out_fmt)})
         return out, headers
+
+    def _insert_select_from_input(self, conn, sql: str, fmt: str, data: Iterable[bytes]) -> tuple[bytes, tuple]:
+        """``INSERT ... SELECT ... FROM input('structure') FORMAT fmt`` with the data in the request:
+        chDB's streaming insert takes no SELECT, so the data goes to a file of the data folder first
+        and ``input(`` becomes ``file('<that file>', 'fmt', ``; the file is removed afterwards."""
+        folder = Path(self.data_dir) / "tmp_inputs"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}.{fmt}"
+        try:
+            with open(path, "wb") as f:
+                for chunk in data:
+                    f.write(chunk)
+            query = _INPUT_RE.sub(lambda m: f"file({_sql_string(str(path))}, {_sql_string(fmt)}, ", sql, count=1)
+            res = conn.query(query, "TabSeparated")
+            return b"", (res.storage_rows_read(), res.storage_bytes_read(), res.rows_written(),
+                         res.bytes_written(), res.rows_read(), res.bytes_read())
+        finally:
+            with suppress(OSError):
+                path.unlink()
 
     def _authenticate(self, user: str | None, password: str | None) -> bool:
         """Returns the user's read-only flag; raises AUTHENTICATION_FAILED."""

@@ -1,12 +1,33 @@
-"""The ClickHouse sink: topics → tables in batches, offsets committed only after the insert.
+"""The ClickHouse sink: topics → tables in batches, effectively once (ADR 0007).
 
-Per (topic, partition) the sink buffers rows and inserts them when the buffer holds
-``sink_batch_rows`` rows or its oldest row is ``sink_batch_ms`` old. Each insert carries
-``insert_deduplication_token = "<topic>:<partition>:<first>-<last>"`` (offset range) and
-``async_insert=0``, so a batch inserted again after a crash between the insert and the commit is
-refused by ClickHouse rather than duplicated. When ClickHouse is down or erroring, the sink
-pauses its partitions, keeps its group membership, retries with backoff and commits nothing
-until the insert succeeds.
+Per (topic, partition) the sink buffers messages and writes them as one batch when the buffer holds
+``sink_batch_rows`` messages or its oldest is ``sink_batch_ms`` old. A batch is an offset range
+``[first, last]`` of one partition, and every insert of it carries
+``insert_deduplication_token = "<topic>:<partition>:<first>-<last>"`` and ``async_insert=0``.
+
+Effectively once, in four steps per flush:
+1. The batch's range is written to ``sink_batches`` (key ``topic:partition``) before anything else.
+2. Events only: each event's ``team_id:uuid`` is looked up in ``event_uuids``. An event whose uuid
+   was first carried at another offset (a client sent it again; SDKs retry with the same uuid) is
+   dropped and counted; the uuids seen for the first time are recorded with their offsets.
+3. The rows are inserted with the batch's token.
+4. The offsets are committed.
+A sink that crashed anywhere in between leaves the committed offset at the batch's ``first``. The
+partition's next owner reads the range from ``sink_batches`` and forms exactly the same batch again
+(same messages, same uuid verdicts, since the first carrier of a uuid is kept), so ClickHouse
+refuses the insert with the same token if the first attempt landed. Batch boundaries therefore
+never depend on timing after a crash.
+
+Events travel raw: their JSON rows are joined and sent as ``INSERT ... SELECT ... FROM input()
+FORMAT JSONEachRow``, so ClickHouse parses them and the sink decodes nothing on the hot path. If
+ClickHouse refuses the batch's data, the sink decodes and type-checks every row in Python, keeps
+the bad ones as dead letters (``sink_unreadable_row``) and inserts the rest with the same token.
+The other topics (persons, groups, warnings, dead letters) are small: their rows are decoded and
+type-checked before insertion, so one bad value cannot fail every retry of its batch.
+
+When ClickHouse is down or erroring, the sink pauses its partitions, keeps its group membership,
+retries with backoff (0.2 s doubling to 5 s, one log line per attempt) and commits nothing until
+the insert succeeds; a partition revoked meanwhile is abandoned to its next owner.
 
 Routes: ``events_enriched`` → ``events``, ``ingestion_warnings`` → ``ingestion_warnings``,
 ``events_dead_letter`` → ``events_dead_letter``, the compacted identity topics ``persons`` →
@@ -15,14 +36,12 @@ Routes: ``events_enriched`` → ``events``, ``ingestion_warnings`` → ``ingesti
 ``group_types``. A row function returns ``None`` for a message that carries no row: a Kafka
 tombstone (value None) on the compacted topics, which is what compaction needs, not an error. Its
 offset still counts in its partition's batch, so a partition holding only tombstones commits too.
-A message of our own topics that cannot become a row (bad JSON, missing key, wrong type) is kept
-as a dead letter rather than dropped; the identity and group rows are type-checked before
-insertion, so one bad value cannot fail every retry of its batch.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -32,7 +51,7 @@ from typing import Any
 
 import orjson
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from headwater.rows import (
@@ -61,10 +80,40 @@ DEAD_LETTER_COLUMNS = (
     "raw",
 )
 
+EVENT_TIME_COLUMNS = frozenset(
+    ("timestamp", "person_created_at", "created_at", *(f"group{i}_created_at" for i in range(GROUP_SLOTS)))
+)
+"""The event row's times: int microseconds since the epoch (UTC) on the topic, DateTime64(6) in the table."""
 
-def event_row(message: Message) -> list[Any]:
-    row = orjson.loads(message.value())
-    return [row[c] for c in EVENT_COLUMNS]
+_EVENT_INPUT_TYPES = {"uuid": "UUID", "person_id": "UUID", "team_id": "Int64", **dict.fromkeys(EVENT_TIME_COLUMNS, "Int64")}
+
+
+def event_input_insert(table: str) -> str:
+    """The statement that inserts raw event rows (JSONEachRow, one per line, sent as the body)."""
+    structure = ", ".join(f"`{c}` {_EVENT_INPUT_TYPES.get(c, 'String')}" for c in EVENT_COLUMNS)
+    select = ", ".join(f"fromUnixTimestamp64Micro(`{c}`, 'UTC')" if c in EVENT_TIME_COLUMNS else f"`{c}`" for c in EVENT_COLUMNS)
+    columns = ", ".join(f"`{c}`" for c in EVENT_COLUMNS)
+    return f"INSERT INTO {table} ({columns}) SELECT {select} FROM input('{structure}') FORMAT JSONEachRow"
+
+
+_UUID_TEXT = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_ROW_HEAD = b'{"uuid":"'
+_TEAM_HEAD = b'","team_id":'
+
+
+def event_identity(value: bytes | None) -> str | None:
+    """``"team_id:uuid"`` of an event row as the identity stage writes it (uuid, then team_id,
+    first), read without decoding the row; None when the row does not start that way."""
+    if value is None or not value.startswith(_ROW_HEAD) or value[45:57] != _TEAM_HEAD:
+        return None
+    text = value[9:45]
+    if not _UUID_TEXT.match(text):
+        return None
+    end = value.find(b",", 57, 80)
+    team = value[57:end]
+    if end < 0 or not team.lstrip(b"-").isdigit():
+        return None
+    return f"{int(team)}:{text.decode()}"
 
 
 def warning_row(message: Message) -> list[Any]:
@@ -121,6 +170,21 @@ def _json_object_text(row: dict[str, Any], column: str) -> str:
     if not isinstance(orjson.loads(value), dict):  # JSONDecodeError (a ValueError) if not JSON
         raise ValueError(f"{column} must be the JSON text of an object")
     return value
+
+
+_EVENT_CHECKS: tuple[tuple[str, Callable[[dict[str, Any], str], Any]], ...] = tuple(
+    (c, _uuid if c in ("uuid", "person_id") else _int64 if c == "team_id" or c in EVENT_TIME_COLUMNS else _text)
+    for c in EVENT_COLUMNS
+)
+
+
+def event_row(message: Message) -> list[Any]:
+    """An ``events_enriched`` value as a row in EVENT_COLUMNS order, every value type-checked (the
+    checks ClickHouse makes: UUIDs, Int64 team and times, strings), for a batch ClickHouse refused."""
+    row = orjson.loads(message.value())
+    if not isinstance(row, dict):
+        raise TypeError(f"an event row must be a JSON object, not {type(row).__name__}")
+    return [check(row, column) for column, check in _EVENT_CHECKS]
 
 
 def person_row(message: Message) -> list[Any] | None:
@@ -230,10 +294,31 @@ class TableRoute:
 
 @dataclass
 class Buffer:
-    rows: list[list[Any]] = field(default_factory=list)
-    first_offset: int = -1
-    last_offset: int = -1
+    messages: list[Message] = field(default_factory=list)
     opened: float = 0.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One partition's offset range ``[first, last]`` and the messages read from it."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+    messages: list[Message]
+
+    @property
+    def source(self) -> str:
+        return f"{self.topic}:{self.partition}"
+
+    @property
+    def token(self) -> str:
+        return f"{self.source}:{self.first}-{self.last}"
+
+
+class Abandoned(Exception):
+    """The batch's partition was revoked (or the sink is stopping) while ClickHouse was failing."""
 
 
 class ClickHouseSink:
@@ -243,6 +328,7 @@ class ClickHouseSink:
         self.database = settings.clickhouse.database
         topics = TopicNames(settings.topic_prefix)
         db = self.database
+        self.events_topic = topics.events_enriched
         self.routes: dict[str, TableRoute] = {
             topics.events_enriched: TableRoute(f"{db}.events", EVENT_COLUMNS, event_row),
             topics.ingestion_warnings: TableRoute(f"{db}.ingestion_warnings", WARNING_COLUMNS, warning_row),
@@ -252,23 +338,33 @@ class ClickHouseSink:
             topics.groups: TableRoute(f"{db}.groups", GROUP_COLUMNS, group_row),
             topics.group_types: TableRoute(f"{db}.group_types", GROUP_TYPE_COLUMNS, group_type_row),
         }
+        self.dead_letter_table = f"{db}.events_dead_letter"
+        self.event_insert = event_input_insert(f"{db}.events")
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{"client.id": f"sink-{worker_id}"}))
         self.buffers: dict[tuple[str, int], Buffer] = {}
-        self.dead_letter_route = self.routes[topics.events_dead_letter]
-        self.unreadable: list[list[Any]] = []  # inserted before their offsets are committed
+        self.assigned: set[tuple[str, int]] = set()
+        # the range written to sink_batches by the partition's previous owner, read once per assignment
+        self.intents: dict[tuple[str, int], tuple[int, int] | None] = {}
+        self.stop = threading.Event()
+        self.paused = False
         self.rows_written: dict[str, int] = {r.table: 0 for r in self.routes.values()}
+        self.duplicates_dropped = 0
+        self.dead_lettered = 0
+        self.batches_replayed = 0
         self.insert_failures = 0
 
+    # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.consumer.subscribe(list(self.routes), on_revoke=self._on_revoke)
+        self.stop = stop
+        self.consumer.subscribe(list(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("sink: %s -> %s", ",".join(self.routes), self.database)
         try:
             while not stop.is_set():
                 for message in self.consumer.consume(self.settings.sink_batch_rows, 0.05):
                     self._buffer(message)
-                self._flush(force=False, stop=stop)
-            self._flush(force=True, stop=stop)
+                self._flush(force=False)
+            self._flush(force=True)
         finally:
             self.consumer.close()
 
@@ -283,78 +379,247 @@ class ClickHouseSink:
         key = (message.topic(), message.partition())
         buffer = self.buffers.get(key)
         if buffer is None:
-            buffer = self.buffers[key] = Buffer(opened=time.monotonic(), first_offset=message.offset())
-        if buffer.first_offset < 0:
-            buffer.first_offset = message.offset()
+            buffer = self.buffers[key] = Buffer()
+        if not buffer.messages:
             buffer.opened = time.monotonic()
-        buffer.last_offset = message.offset()  # rowless messages (tombstones) are committed with the batch
-        try:
-            row = self.routes[message.topic()].to_row(message)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError includes JSONDecodeError
-            # Our own processors wrote this topic, so this is a bug upstream: keep it as a dead letter.
-            log.error("sink: unreadable row at %s[%s]@%s: %r", *key, message.offset(), exc)
-            self.unreadable.append(unreadable_row(message, exc))
-            return
-        if row is not None:
-            buffer.rows.append(row)
+        buffer.messages.append(message)
 
-    def _flush(self, *, force: bool, stop: threading.Event) -> None:
-        if self.unreadable:
-            first = self.unreadable[0]
-            token = f"unreadable:{first[3]}:{first[4]}:{first[5]}:{len(self.unreadable)}"
-            if not self._insert_with_retry(self.dead_letter_route, self.unreadable, token, stop):
-                return
-            self.rows_written[self.dead_letter_route.table] += len(self.unreadable)
-            self.unreadable = []
-        now = time.monotonic()
-        max_age = self.settings.sink_batch_ms / 1000
+    def _flush(self, *, force: bool) -> None:
+        batches = self._due_batches(force)
+        if not batches:
+            return
+        try:
+            self._retry("record the batches' ranges in sink_batches", self._write_intents, batches)
+        except Abandoned:
+            return
         commits: list[TopicPartition] = []
-        for (topic, partition), buffer in self.buffers.items():
-            if buffer.first_offset < 0:
-                continue
-            due = force or len(buffer.rows) >= self.settings.sink_batch_rows or now - buffer.opened >= max_age
-            if not due:
-                continue
-            if buffer.rows:
-                route = self.routes[topic]
-                token = f"{topic}:{partition}:{buffer.first_offset}-{buffer.last_offset}"
-                if not self._insert_with_retry(route, buffer.rows, token, stop):
-                    return  # stopping while ClickHouse is down: commit nothing
-                self.rows_written[route.table] += len(buffer.rows)
-            commits.append(TopicPartition(topic, partition, buffer.last_offset + 1))
-            self.buffers[(topic, partition)] = Buffer()
+        for batch in batches:
+            try:
+                self._retry(f"insert {batch.token}", self._write, batch)
+            except Abandoned:
+                continue  # revoked or stopping: its next owner writes it again, from the same range
+            commits.append(TopicPartition(batch.topic, batch.partition, batch.last + 1))
+        commits = [tp for tp in commits if (tp.topic, tp.partition) in self.assigned]
         if commits:
             self.consumer.commit(offsets=commits, asynchronous=False)
 
-    def _insert_with_retry(self, route: TableRoute, rows: list[list[Any]], token: str, stop: threading.Event) -> bool:
+    def _due_batches(self, force: bool) -> list[Batch]:
+        now = time.monotonic()
+        max_age = self.settings.sink_batch_ms / 1000
+        due = [
+            key for key, buffer in self.buffers.items()
+            if buffer.messages and (force or len(buffer.messages) >= self.settings.sink_batch_rows
+                                    or now - buffer.opened >= max_age or self.intents.get(key))
+        ]
+        if not due:
+            return []
+        unknown = [key for key in due if key not in self.intents]
+        if unknown:
+            try:
+                self._retry("read sink_batches", self._read_intents, unknown)
+            except Abandoned:
+                return []
+        batches = []
+        for key in due:
+            buffer = self.buffers[key]
+            intent = self.intents.get(key)
+            first = buffer.messages[0].offset()
+            if intent is not None and intent[0] <= first <= intent[1]:
+                # the previous owner wrote this range (or was writing it): the same batch again
+                if buffer.messages[-1].offset() < intent[1] and not self._passed(key, intent[1]):
+                    continue  # not all of it read yet
+                messages = [m for m in buffer.messages if m.offset() <= intent[1]]
+                batch = Batch(key[0], key[1], intent[0], intent[1], messages)
+                self.batches_replayed += 1
+                log.info("sink: %s starts inside the range its previous owner wrote; writing %s again", batch.source, batch.token)
+            else:
+                if intent is not None and first < intent[0]:
+                    log.warning("sink: %s:%s starts at %d, before the last recorded batch %d-%d (offsets reset?)",
+                                *key, first, *intent)
+                messages = buffer.messages
+                batch = Batch(key[0], key[1], first, messages[-1].offset(), messages)
+            self.intents[key] = None
+            buffer.messages = buffer.messages[len(messages):]
+            buffer.opened = now
+            batches.append(batch)
+        return batches
+
+    def _passed(self, key: tuple[str, int], offset: int) -> bool:
+        """Whether the consumer has read past ``offset`` (a compacted topic may have lost it)."""
+        (position,) = self.consumer.position([TopicPartition(*key)])
+        return position.offset > offset
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def _read_intents(self, keys: list[tuple[str, int]]) -> None:
+        sources = [f"{topic}:{partition}" for topic, partition in keys]
+        rows = self.client.query(
+            f"SELECT source, first_offset, last_offset FROM {self.database}.sink_batches WHERE source IN {{sources:Array(String)}}",
+            parameters={"sources": sources},
+        ).result_rows
+        found = {source: (int(first), int(last)) for source, first, last in rows}
+        for key, source in zip(keys, sources):
+            self.intents[key] = found.get(source)
+
+    def _write_intents(self, batches: list[Batch]) -> None:
+        self.client.insert(
+            f"{self.database}.sink_batches",
+            [[b.source, b.first, b.last] for b in batches],
+            column_names=["source", "first_offset", "last_offset"],
+            settings={"async_insert": 0},
+        )
+
+    # -- writing one batch ---------------------------------------------------------------------------
+    def _write(self, batch: Batch) -> None:
+        if batch.topic == self.events_topic:
+            self._write_events(batch)
+            return
+        route = self.routes[batch.topic]
+        rows, dead = [], []
+        for message in batch.messages:
+            try:
+                row = route.to_row(message)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError includes JSONDecodeError
+                dead.append(self._unreadable(message, exc))
+                continue
+            if row is not None:
+                rows.append(row)
+        self._insert_dead_letters(batch, dead)
+        if rows:
+            self._insert(route.table, rows, route.columns, batch.token)
+            self.rows_written[route.table] += len(rows)
+
+    def _write_events(self, batch: Batch) -> None:
+        table = self.routes[self.events_topic].table
+        ids: list[str | None] = [event_identity(m.value()) for m in batch.messages]
+        dead: list[list[Any]] = []
+        for i, message in enumerate(batch.messages):
+            if ids[i] is None:  # not as the identity stage writes rows: read it the slow way
+                try:
+                    row = event_row(message)
+                    ids[i] = f"{row[1]}:{row[0]}"
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    dead.append(self._unreadable(message, exc))
+        keep = self._first_carriers(batch, ids)
+        if not keep:
+            self._insert_dead_letters(batch, dead)
+            return
+        # dead letters are inserted once per batch (one token), after the events: the raw insert may
+        # find more of them
+        try:
+            self.client.command(self.event_insert, data=b"\n".join(m.value() for m in keep),
+                                settings={"async_insert": 0, "insert_deduplication_token": batch.token})
+        except OperationalError:
+            raise  # not an answer about the data: retried
+        except DatabaseError as exc:
+            # ClickHouse refused the data: check every row here, keep the bad ones as dead letters
+            log.warning("sink: ClickHouse refused %s (%s); checking its %d rows one by one", batch.token,
+                        str(exc).splitlines()[0][:200], len(keep))
+            rows, bad = [], []
+            for message in keep:
+                try:
+                    rows.append(event_row(message))
+                except (ValueError, KeyError, TypeError, AttributeError) as row_exc:
+                    bad.append(self._unreadable(message, row_exc))
+            if rows:
+                self._insert(table, rows, EVENT_COLUMNS, batch.token)
+            self._insert_dead_letters(batch, dead + bad)
+            self.rows_written[table] += len(rows)
+            return
+        self._insert_dead_letters(batch, dead)
+        self.rows_written[table] += len(keep)
+
+    def _first_carriers(self, batch: Batch, ids: list[str | None]) -> list[Message]:
+        """The batch's events minus those whose uuid was first carried at another offset, and
+        records the uuids seen here for the first time (before the events are inserted)."""
+        unique = sorted({i for i in ids if i is not None})
+        owners: dict[str, tuple[int, int]] = {}
+        if unique:
+            rows = self.client.query(
+                f"SELECT id, min((source_partition, source_offset)) FROM {self.database}.event_uuids "
+                "WHERE id IN {ids:Array(String)} GROUP BY id",
+                parameters={"ids": unique},
+            ).result_rows
+            owners = {i: (int(owner[0]), int(owner[1])) for i, owner in rows}
+        keep, new = [], []
+        for message, event_id in zip(batch.messages, ids):
+            if event_id is None:
+                continue
+            here = (batch.partition, message.offset())
+            owner = owners.get(event_id)
+            if owner is None:
+                owners[event_id] = here
+                new.append([event_id, here[0], here[1]])
+                keep.append(message)
+            elif owner == here:
+                keep.append(message)  # this batch again: its first attempt recorded it
+            else:
+                self.duplicates_dropped += 1
+        dropped = len(batch.messages) - len(keep) - ids.count(None)
+        if dropped:
+            log.info("sink: %s: %d events dropped, their uuids were ingested before", batch.token, dropped)
+        if new:
+            self._insert(f"{self.database}.event_uuids", new, ("id", "source_partition", "source_offset"),
+                         f"{batch.token}:uuids")
+        return keep
+
+    def _unreadable(self, message: Message, exc: Exception) -> list[Any]:
+        # Our own processors wrote this topic, so this is a bug upstream: keep it as a dead letter.
+        log.error("sink: unreadable row at %s[%s]@%s: %r", message.topic(), message.partition(), message.offset(), exc)
+        return unreadable_row(message, exc)
+
+    def _insert_dead_letters(self, batch: Batch, rows: list[list[Any]]) -> None:
+        if rows:
+            self._insert(self.dead_letter_table, rows, DEAD_LETTER_COLUMNS, f"{batch.token}:dead")
+            self.dead_lettered += len(rows)
+            self.rows_written[self.dead_letter_table] += len(rows)
+
+    def _insert(self, table: str, rows: list[list[Any]], columns: tuple[str, ...], token: str) -> None:
+        self.client.insert(table, rows, column_names=list(columns),
+                           settings={"async_insert": 0, "insert_deduplication_token": token})
+
+    # -- failures --------------------------------------------------------------------------------------
+    def _retry(self, what: str, action: Callable[..., None], *args: Any) -> None:
+        """``action(*args)`` until it succeeds, pausing the partitions meanwhile; ``Abandoned`` if the
+        sink stops, or if the batch's partition is revoked while it waits."""
         delay = 0.2
-        paused = False
+        batch = args[0] if args and isinstance(args[0], Batch) else None
         while True:
             try:
-                self.client.insert(
-                    route.table,
-                    rows,
-                    column_names=list(route.columns),
-                    settings={"async_insert": 0, "insert_deduplication_token": token},
-                )
-                if paused:
+                action(*args)
+                if self.paused:
+                    self.paused = False
                     self.consumer.resume(self.consumer.assignment())
-                    log.info("sink: ClickHouse is back; inserted %d rows into %s", len(rows), route.table)
-                return True
+                    log.info("sink: ClickHouse is back (%s done)", what)
+                return
             except (ClickHouseError, OSError) as exc:
                 self.insert_failures += 1
-                log.warning("sink: insert into %s failed (%s); retrying in %.1fs, nothing committed", route.table, str(exc).splitlines()[0][:200], delay)
-                if not paused:
+                log.warning("sink: %s failed (%s); retrying in %.1fs, nothing committed", what,
+                            str(exc).splitlines()[0][:200], delay)
+                if not self.paused:
                     self.consumer.pause(self.consumer.assignment())
-                    paused = True
+                    self.paused = True
                 deadline = time.monotonic() + delay
                 while time.monotonic() < deadline:
-                    if stop.is_set():
-                        return False
-                    self.consumer.consume(1, min(0.1, delay))  # keep group membership alive
+                    if self.stop.is_set():
+                        raise Abandoned(what) from exc
+                    self.consumer.consume(1, min(0.1, delay))  # keeps the group membership alive
+                    if batch is not None and (batch.topic, batch.partition) not in self.assigned:
+                        log.info("sink: %s revoked while waiting; its next owner writes %s", batch.source, batch.token)
+                        raise Abandoned(what) from exc
                 delay = min(delay * 2, 5.0)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.assigned.add(key)
+            self.intents.pop(key, None)  # read again before the partition's first batch
+        if self.paused:
+            consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Drop buffers of revoked partitions: their rows are read again by the next owner."""
         for tp in partitions:
-            self.buffers.pop((tp.topic, tp.partition), None)
+            key = (tp.topic, tp.partition)
+            self.assigned.discard(key)
+            self.buffers.pop(key, None)
+            self.intents.pop(key, None)

@@ -216,3 +216,24 @@ def test_child_process(tmp_path):
             proc.wait()
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
+
+
+def test_insert_select_from_input_takes_the_data_of_the_request(server):
+    """``INSERT ... SELECT ... FROM input('structure') FORMAT fmt`` (the sink's raw event insert):
+    the rows are converted on the way in, the token deduplicates, and no temporary file is left."""
+    c = client(server)
+    c.command("CREATE TABLE default.ts (u UUID, t DateTime64(6, 'UTC')) ENGINE = MergeTree ORDER BY u "
+              "SETTINGS non_replicated_deduplication_window = 10")
+    statement = ("INSERT INTO default.ts (u, t) SELECT u, fromUnixTimestamp64Micro(t, 'UTC') "
+                 "FROM input('u UUID, t Int64') FORMAT JSONEachRow")
+    body = b'{"u":"0190a1b2-0000-7000-8000-000000000001","t":1700000000123456}\n' \
+           b'{"u":"0190a1b2-0000-7000-8000-000000000002","t":0}'
+    for _ in range(2):
+        c.command(statement, data=body, settings={"insert_deduplication_token": "once"})
+    rows = c.query("SELECT toString(u), toUnixTimestamp64Micro(t) FROM default.ts ORDER BY u").result_rows
+    assert rows == [("0190a1b2-0000-7000-8000-000000000001", 1700000000123456), ("0190a1b2-0000-7000-8000-000000000002", 0)]
+    with pytest.raises(Exception, match="CANNOT_PARSE|Cannot parse"):
+        c.command(statement, data=b'{"u":"not a uuid","t":1}')
+    assert c.query("SELECT count() FROM default.ts").result_rows == [(2,)]
+    leftovers = Path(server.data_dir) / "tmp_inputs"
+    assert not leftovers.exists() or not any(leftovers.iterdir())

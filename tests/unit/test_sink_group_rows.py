@@ -156,7 +156,8 @@ def test_bytes_that_are_not_a_json_object_are_refused():
 
 def event(**overrides) -> dict:
     value = {c: "" for c in EVENT_COLUMNS}
-    value.update({"team_id": 7, "timestamp": CREATED_AT, "person_created_at": 0, "created_at": CREATED_AT})
+    value.update({"uuid": "0190a1b2-0000-7000-8000-000000000001", "person_id": "0190a1b2-0000-5000-8000-000000000002",
+                  "team_id": 7, "timestamp": CREATED_AT, "person_created_at": 0, "created_at": CREATED_AT})
     value.update({f"group{i}_created_at": 0 for i in range(5)})
     return {**value, **overrides}
 

@@ -1,0 +1,95 @@
+"""The sink's event rows: the uuid read without decoding, the type checks of the slow path, and the
+statement of the raw path."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from headwater.rows import EVENT_COLUMNS
+from sinks.clickhouse.sink import EVENT_TIME_COLUMNS, event_identity, event_input_insert, event_row
+from tests.factories import FakeMessage
+
+UUID = "0190a1b2-0000-7000-8000-000000000001"
+PERSON = "0190a1b2-0000-5000-8000-000000000002"
+
+
+def row(**overrides) -> dict:
+    value = {c: "" for c in EVENT_COLUMNS}
+    value.update({c: 1_700_000_000_000_000 for c in EVENT_TIME_COLUMNS})
+    value.update({"uuid": UUID, "person_id": PERSON, "team_id": 7, "event": "$pageview", "properties": "{}"})
+    return {**value, **overrides}
+
+
+def message(value: dict) -> FakeMessage:
+    return FakeMessage(orjson.dumps(value), key=b"7:user", topic="events_enriched")
+
+
+def test_the_identity_of_a_row_as_the_identity_stage_writes_it_is_read_without_decoding():
+    assert event_identity(orjson.dumps(row())) == f"7:{UUID}"
+    assert event_identity(orjson.dumps(row(team_id=-12))) == f"-12:{UUID}"
+    assert event_identity(orjson.dumps(row(team_id=123456789012))) == f"123456789012:{UUID}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b"not json",
+        orjson.dumps({"team_id": 7, "uuid": UUID}),  # other key order: the slow path reads it
+        orjson.dumps(row(uuid=UUID.upper())),  # not canonical: the slow path canonicalizes it
+        orjson.dumps(row(uuid="0190a1b2-0000-7000-8000-00000000000z")),
+        orjson.dumps(row(team_id="7")),
+        orjson.dumps(row(team_id=7.5)),
+    ],
+)
+def test_a_row_written_otherwise_has_no_fast_identity(value):
+    assert event_identity(value) is None
+
+
+def test_a_valid_row_is_checked_into_column_order_with_canonical_uuids():
+    value = row(uuid=UUID.upper(), **{"$group_0": "acme", "group0_created_at": 5})
+    checked = event_row(message(value))
+    assert checked[EVENT_COLUMNS.index("uuid")] == UUID
+    assert checked[EVENT_COLUMNS.index("$group_0")] == "acme"
+    assert checked[EVENT_COLUMNS.index("group0_created_at")] == 5
+    assert len(checked) == len(EVENT_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"uuid": "nope"}, ValueError),
+        ({"person_id": 5}, TypeError),
+        ({"team_id": "7"}, TypeError),
+        ({"timestamp": 1.5}, TypeError),
+        ({"created_at": True}, TypeError),
+        ({"timestamp": 1 << 63}, ValueError),
+        ({"event": None}, TypeError),
+        ({"properties": {"a": 1}}, TypeError),  # a JSON text, not an object
+        ({"$session_id": 3}, TypeError),
+    ],
+)
+def test_a_mistyped_row_is_refused_with_the_column_named(overrides, error):
+    with pytest.raises(error):
+        event_row(message(row(**overrides)))
+
+
+def test_a_row_missing_a_column_or_not_an_object_is_refused():
+    value = row()
+    del value["person_created_at"]
+    with pytest.raises(KeyError):
+        event_row(message(value))
+    with pytest.raises(TypeError):
+        event_row(FakeMessage(b"[1, 2]", topic="events_enriched"))
+
+
+def test_the_raw_insert_names_every_column_and_converts_only_the_times():
+    statement = event_input_insert("hw.events")
+    assert statement.startswith("INSERT INTO hw.events (`uuid`, `team_id`,")
+    assert statement.endswith("FORMAT JSONEachRow")
+    for column in EVENT_COLUMNS:
+        converted = f"fromUnixTimestamp64Micro(`{column}`, 'UTC')"
+        assert (converted in statement) == (column in EVENT_TIME_COLUMNS), column
+    assert "`uuid` UUID" in statement and "`team_id` Int64" in statement and "`timestamp` Int64" in statement
