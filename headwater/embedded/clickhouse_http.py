@@ -478,7 +478,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+_BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.I)
+_DISPOSITION_RE = re.compile(rb'^content-disposition:\s*form-data;\s*name="([^"]*)"\s*$', re.I)
+
+
 def _form_fields(ctype: str, body: bytes) -> dict[str, str]:
+    """The fields of a multipart/form-data body. Plain fields (one Content-Disposition header, as
+    clickhouse-connect sends them) are split directly, because big parameters (the sink's uuid
+    lookups) make the email parser slow; anything else goes through the email parser."""
+    m = _BOUNDARY_RE.search(ctype)
+    if m:
+        fields = {}
+        delimiter = b"--" + m.group(1).encode("latin-1")
+        pieces = body.split(delimiter)
+        for piece in pieces[1:-1]:
+            head, sep, value = piece.partition(b"\r\n\r\n")
+            lines = head.strip(b"\r\n").split(b"\r\n")
+            match = _DISPOSITION_RE.match(lines[0]) if len(lines) == 1 and sep else None
+            if match is None or not value.endswith(b"\r\n"):
+                break
+            fields[match.group(1).decode("utf-8", "replace")] = value[:-2].decode("utf-8", "replace")
+        else:
+            if len(pieces) > 1 and pieces[-1].startswith(b"--"):
+                return fields
+    return _form_fields_by_email_parser(ctype, body)
+
+
+def _form_fields_by_email_parser(ctype: str, body: bytes) -> dict[str, str]:
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + body)
     fields = {}

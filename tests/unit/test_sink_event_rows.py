@@ -93,3 +93,16 @@ def test_the_raw_insert_names_every_column_and_converts_only_the_times():
         converted = f"fromUnixTimestamp64Micro(`{column}`, 'UTC')"
         assert (converted in statement) == (column in EVENT_TIME_COLUMNS), column
     assert "`uuid` UUID" in statement and "`team_id` Int64" in statement and "`timestamp` Int64" in statement
+
+
+def test_event_ids_are_sent_as_one_array_literal_and_texts_needing_escapes_are_refused():
+    from clickhouse_connect.driver.binding import format_bind_value
+
+    from sinks.clickhouse.sink import TextArray
+
+    ids = [f"7:{UUID}", f"-1:{PERSON}"]
+    assert format_bind_value(TextArray(ids)) == format_bind_value(ids).replace(", ", ",") == f"['7:{UUID}','-1:{PERSON}']"
+    assert str(TextArray([])) == "[]"
+    for bad in ("it's", "back\\slash"):
+        with pytest.raises(ValueError):
+            TextArray([bad])

@@ -1,0 +1,171 @@
+"""The sink on its own: how many event rows per second it writes to ClickHouse.
+
+Starts its own embedded broker and ClickHouse (child processes, ended at exit), fills
+``events_enriched`` with realistic event rows (sessions of about 20 events, a person's properties,
+a group on most events, ~1 KB a row), then starts ``headwater sink`` and times it from its first
+row to its last, with the CPU seconds the sink and ClickHouse spent.
+
+    .venv/bin/python -m bench.sink [--events 200000] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from headwater.embedded.broker import broker_command, wait_for_port  # noqa: E402
+from headwater.rows import EVENT_COLUMNS, GROUP_SLOTS  # noqa: E402
+
+T0 = 1_790_000_000_000_000
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rows(n: int, seed: int = 1):
+    """(key, value) of ``n`` event rows as the identity stage writes them."""
+    rng = random.Random(seed)
+    pages = [f"https://app.example.com/{p}" for p in ("", "pricing", "docs", "dashboard", "settings", "billing", "reports")]
+    session, left, did, ts = "", 0, "", T0
+    for i in range(n):
+        if left == 0:
+            did = f"user-{rng.randrange(5000)}"
+            session, left = str(uuid.UUID(int=rng.getrandbits(128))), rng.randint(5, 35)
+        left -= 1
+        ts += rng.randint(1, 30_000_000)
+        event = rng.choice(("$pageview", "$pageview", "$pageview", "$autocapture", "feature_used", "$pageleave"))
+        props = {"$current_url": rng.choice(pages), "$browser": "Chrome", "$os": "Mac OS X", "$lib": "web",
+                 "$lib_version": "1.200.0", "$referrer": "https://www.google.com/", "$referring_domain": "www.google.com",
+                 "$screen_width": 1920, "$screen_height": 1080, "$session_id": session, "$window_id": session,
+                 "utm_source": rng.choice(("google", "newsletter", "")), "plan": "pro", "$group_0": "acme"}
+        row = {
+            "uuid": str(uuid.UUID(int=rng.getrandbits(128))), "team_id": 1, "event": event, "distinct_id": did,
+            "person_id": str(uuid.uuid5(uuid.NAMESPACE_URL, did)), "timestamp": ts,
+            "properties": orjson.dumps(props).decode(),
+            "person_properties": orjson.dumps({"email": f"{did}@example.com", "name": did, "plan": "pro"}).decode(),
+            "person_created_at": T0 - 10**12,
+        }
+        for g in range(GROUP_SLOTS):
+            row[f"$group_{g}"] = "acme" if g == 0 else ""
+        for g in range(GROUP_SLOTS):
+            row[f"group{g}_properties"] = '{"name":"Acme","plan":"enterprise"}' if g == 0 else "{}"
+        for g in range(GROUP_SLOTS):
+            row[f"group{g}_created_at"] = T0 - 10**11 if g == 0 else 0
+        row.update({"$session_id": session, "$window_id": session, "created_at": ts})
+        assert tuple(row) == EVENT_COLUMNS
+        yield f"1:{did}".encode(), orjson.dumps(row)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="headwater-bench-sink-"))
+    kafka_port, ch_port = free_port(), free_port()
+    children: list[subprocess.Popen] = []
+
+    def child(command: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(work / f"{name}.log", "wb")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        children.append(process)
+        return process
+
+    try:
+        child(broker_command(kafka_port), "broker")
+        clickhouse = child([sys.executable, "-m", "headwater.embedded.clickhouse_http", "--data-dir", str(work / "chdb"),
+                            "--port", str(ch_port)], "clickhouse")
+        wait_for_port("127.0.0.1", kafka_port, 30)
+        wait_for_port("127.0.0.1", ch_port, 60)
+        env = {**os.environ, "HEADWATER_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+               "HEADWATER_CLICKHOUSE_URL": f"http://127.0.0.1:{ch_port}/bench", "HEADWATER_TOPIC_PREFIX": "bench_",
+               "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "3000", "HEADWATER_DATA_DIR": str(work / "data")}
+        os.environ.update(env)
+        from confluent_kafka import Producer
+
+        from headwater.kafka_admin import ensure_topics
+        from headwater.settings import Settings
+        from headwater.topics import TopicNames
+        from sinks.clickhouse.client import connect
+        from sinks.clickhouse.migrate import apply_migrations
+
+        settings = Settings()
+        ensure_topics(settings)
+        client = connect(settings.clickhouse)
+        apply_migrations(client, "bench")
+        topic = TopicNames(settings.topic_prefix).events_enriched
+        producer = Producer(settings.kafka_config(**{"linger.ms": 20, "batch.size": 1_000_000, "compression.type": "lz4"}))
+        started = time.perf_counter()
+        size = 0
+        for key, value in rows(args.events):
+            size += len(value)
+            while True:
+                try:
+                    producer.produce(topic, value, key=key)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        assert producer.flush(120) == 0
+        print(f"filled {topic}: {args.events:,} rows of {size / args.events:.0f} bytes in {time.perf_counter() - started:.1f}s")
+
+        sink = child([sys.executable, "-m", "headwater.cli", "sink"], "sink", env)
+        count = lambda: client.query("SELECT count() FROM bench.events").result_rows[0][0]  # noqa: E731
+        while (first := count()) == 0:
+            time.sleep(0.05)
+        t_first, cpu_sink, cpu_ch = time.perf_counter(), cpu_seconds(sink.pid), cpu_seconds(clickhouse.pid)
+        while (last := count()) < args.events:
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - t_first
+        sink_cpu, ch_cpu = cpu_seconds(sink.pid) - cpu_sink, cpu_seconds(clickhouse.pid) - cpu_ch
+        total, unique = client.query("SELECT count(), uniqExact(uuid) FROM bench.events").result_rows[0]
+        written = last - first
+        figures = {
+            "rows": written, "seconds": round(elapsed, 2), "rows_per_s": round(written / elapsed),
+            "sink_cpu_s": round(sink_cpu, 2), "clickhouse_cpu_s": round(ch_cpu, 2),
+            "sink_us_per_row": round(1e6 * sink_cpu / written, 1), "clickhouse_us_per_row": round(1e6 * ch_cpu / written, 1),
+            "duplicates": total - unique,
+        }
+        print(f"sink: {written:,} rows in {elapsed:.1f}s = {figures['rows_per_s']:,} rows/s "
+              f"(CPU per row: sink {figures['sink_us_per_row']} µs, ClickHouse {figures['clickhouse_us_per_row']} µs); "
+              f"duplicates {figures['duplicates']}")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        client.close()
+        return figures
+    finally:
+        for process in reversed(children):
+            process.terminate()
+        for process in reversed(children):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+if __name__ == "__main__":
+    main()
