@@ -30,8 +30,9 @@ FROM
     FROM headwater.person_distinct_ids
     WHERE team_id = {team_id:Int64}
         -- only ids that pointed here at some point can point here now (this narrows the scan;
-        -- the argMax below still reads every row of each of these ids)
-        AND distinct_id IN (
+        -- the argMax below still reads every row of each of these ids). GLOBAL: on a cluster
+        -- (ADR 0008) the subquery runs once and its ids go to every shard; on one server it is IN.
+        AND distinct_id GLOBAL IN (
             SELECT distinct_id
             FROM headwater.person_distinct_ids
             WHERE team_id = {team_id:Int64} AND person_id = {person_id:UUID}
