@@ -12,37 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from headwater.embedded.broker import broker_command, wait_for_port  # noqa: E402
-from headwater.rows import EVENT_COLUMNS, GROUP_SLOTS  # noqa: E402
+from bench.common import Stack, wait_for_rows
+from headwater.rows import EVENT_COLUMNS, GROUP_SLOTS
 
 T0 = 1_790_000_000_000_000
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rows(n: int, seed: int = 1):
@@ -85,26 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="headwater-bench-sink-"))
-    kafka_port, ch_port = free_port(), free_port()
-    children: list[subprocess.Popen] = []
-
-    def child(command: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(work / f"{name}.log", "wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        children.append(process)
-        return process
-
-    try:
-        child(broker_command(kafka_port), "broker")
-        clickhouse = child([sys.executable, "-m", "headwater.embedded.clickhouse_http", "--data-dir", str(work / "chdb"),
-                            "--port", str(ch_port)], "clickhouse")
-        wait_for_port("127.0.0.1", kafka_port, 30)
-        wait_for_port("127.0.0.1", ch_port, 60)
-        env = {**os.environ, "HEADWATER_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
-               "HEADWATER_CLICKHOUSE_URL": f"http://127.0.0.1:{ch_port}/bench", "HEADWATER_TOPIC_PREFIX": "bench_",
-               "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "3000", "HEADWATER_DATA_DIR": str(work / "data")}
-        os.environ.update(env)
+    with Stack("sink") as stack:
         from confluent_kafka import Producer
 
         from headwater.kafka_admin import ensure_topics
@@ -116,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = Settings()
         ensure_topics(settings)
         client = connect(settings.clickhouse)
-        apply_migrations(client, "bench")
+        apply_migrations(client, stack.database)
         topic = TopicNames(settings.topic_prefix).events_enriched
         producer = Producer(settings.kafka_config(**{"linger.ms": 20, "batch.size": 1_000_000, "compression.type": "lz4"}))
         started = time.perf_counter()
@@ -132,21 +93,16 @@ def main(argv: list[str] | None = None) -> dict:
         assert producer.flush(120) == 0
         print(f"filled {topic}: {args.events:,} rows of {size / args.events:.0f} bytes in {time.perf_counter() - started:.1f}s")
 
-        sink = child([sys.executable, "-m", "headwater.cli", "sink"], "sink", env)
-        count = lambda: client.query("SELECT count() FROM bench.events").result_rows[0][0]  # noqa: E731
-        while (first := count()) == 0:
-            time.sleep(0.05)
-        t_first, cpu_sink, cpu_ch = time.perf_counter(), cpu_seconds(sink.pid), cpu_seconds(clickhouse.pid)
-        while (last := count()) < args.events:
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - t_first
-        sink_cpu, ch_cpu = cpu_seconds(sink.pid) - cpu_sink, cpu_seconds(clickhouse.pid) - cpu_ch
-        total, unique = client.query("SELECT count(), uniqExact(uuid) FROM bench.events").result_rows[0]
+        sink = stack.headwater("sink", "sink")
+        count = lambda: client.query(f"SELECT count() FROM {stack.database}.events").result_rows[0][0]  # noqa: E731
+        first, last, elapsed, cpu = wait_for_rows(count, args.events, {"sink": sink, "clickhouse": stack.clickhouse})
+        total, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {stack.database}.events").result_rows[0]
         written = last - first
         figures = {
             "rows": written, "seconds": round(elapsed, 2), "rows_per_s": round(written / elapsed),
-            "sink_cpu_s": round(sink_cpu, 2), "clickhouse_cpu_s": round(ch_cpu, 2),
-            "sink_us_per_row": round(1e6 * sink_cpu / written, 1), "clickhouse_us_per_row": round(1e6 * ch_cpu / written, 1),
+            "sink_cpu_s": round(cpu["sink"], 2), "clickhouse_cpu_s": round(cpu["clickhouse"], 2),
+            "sink_us_per_row": round(1e6 * cpu["sink"] / written, 1),
+            "clickhouse_us_per_row": round(1e6 * cpu["clickhouse"] / written, 1),
             "duplicates": total - unique,
         }
         print(f"sink: {written:,} rows in {elapsed:.1f}s = {figures['rows_per_s']:,} rows/s "
@@ -156,15 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
         client.close()
         return figures
-    finally:
-        for process in reversed(children):
-            process.terminate()
-        for process in reversed(children):
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 if __name__ == "__main__":

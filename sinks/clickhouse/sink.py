@@ -396,10 +396,11 @@ class ClickHouseSink:
                 for message in self.consumer.consume(self.settings.sink_batch_rows, 0.05):
                     self._buffer(message)
                 self._step(force=False)
-            while self.inflight is not None or self._due_keys(force=True):  # what is buffered, then stop
-                self._step(force=True)
-                if self.inflight is not None:
-                    wait([self.inflight[1]], timeout=0.1)
+            while True:  # write what is buffered (as far as it makes whole batches), then stop
+                self._step(force=True, submit=not self.failing)  # ClickHouse failing: stop now
+                if self.inflight is None:
+                    break
+                wait([self.inflight[1]])
         finally:
             self.writer.shutdown(wait=True)
             self.consumer.close()
@@ -421,7 +422,7 @@ class ClickHouseSink:
         buffer.messages.append(message)
         self.buffered += 1
 
-    def _step(self, *, force: bool) -> None:
+    def _step(self, *, force: bool, submit: bool = True) -> None:
         """Hands the writer thread its next job when it is free, and applies the last one's result.
         While the writer is busy, reading goes on until twice a batch is buffered, then pauses."""
         if self.inflight is not None:
@@ -444,6 +445,8 @@ class ClickHouseSink:
         if self.held:  # the writer is free again
             self.consumer.resume(self.consumer.assignment())
             self.held = False
+        if not submit:
+            return
         due = self._due_keys(force)
         if not due:
             return

@@ -106,3 +106,20 @@ def test_event_ids_are_sent_as_one_array_literal_and_texts_needing_escapes_are_r
     for bad in ("it's", "back\\slash"):
         with pytest.raises(ValueError):
             TextArray([bad])
+
+
+def test_in_cluster_mode_inserts_wait_for_the_shards_and_lookups_read_their_own_writes():
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import ClickHouseSink
+
+    single = ClickHouseSink(Settings(), client=None)
+    cluster = ClickHouseSink(Settings(clickhouse_cluster="main"), client=None)
+    try:
+        assert single.insert_settings == {"async_insert": 0} and single.lookup_settings == {}
+        assert cluster.insert_settings["distributed_foreground_insert"] == 1
+        assert cluster.insert_settings["insert_quorum"] == "auto"
+        assert cluster.lookup_settings == {"select_sequential_consistency": 1}
+    finally:
+        for sink in (single, cluster):
+            sink.writer.shutdown()
+            sink.consumer.close()
