@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import orjson
 import pytest
