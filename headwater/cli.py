@@ -293,6 +293,26 @@ def sink(
 
 
 @app.command()
+def capture(
+    delivery_timeout: float = typer.Option(
+        10.0, min=0.5, help="Seconds Kafka has to acknowledge a request's events before it is answered 503."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the PostHog-compatible capture HTTP API (/e, /i/v0/e, /capture, /batch, ...) on
+    HEADWATER_CAPTURE_ADDR; each request is answered after Kafka acknowledged its events."""
+    from producers.capture import serve
+
+    _logging(verbose)
+    settings = _settings()
+    try:
+        serve(settings, delivery_timeout_s=delivery_timeout)
+    except OSError as exc:
+        typer.echo(f"headwater capture: cannot listen on {settings.capture_addr}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def schema(
     write: Optional[Path] = typer.Option(None, help="Write the JSON Schema to this file instead of printing it."),
 ) -> None:
