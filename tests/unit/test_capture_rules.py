@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from urllib.parse import quote, urlencode
 
 import orjson
