@@ -228,7 +228,10 @@ class HttpServer:
             log.exception("capture: unexpected error answering %s %s", method, path)
             response = self.error_response(HttpError(500, "internal_error", "internal error"))
         keep = keep and not self._closing
-        writer.write(render(response, self.cors(method, headers), close=not keep))
+        data = render(response, self.cors(method, headers), close=not keep)
+        if method == "HEAD" and response.body:  # the head of the GET answer, without its body
+            data = data[: len(data) - len(response.body)]
+        writer.write(data)
         await writer.drain()
         return keep
 

@@ -257,6 +257,8 @@ def test_health_endpoints(capture):
         answer = call(capture, "GET", path)
         assert (answer.status, answer.body) == (200, b"capture")
     assert call(capture, "GET", "/_liveness").status == 200
+    head = call(capture, "HEAD", "/_readiness")
+    assert (head.status, head.body, head.headers["content-length"]) == (200, b"", "7")
 
 
 def test_keep_alive_chunked_bodies_and_expect_continue(capture, capture_settings):
