@@ -114,7 +114,9 @@ class AckingProducer:
             if count == len(pending):
                 break
             failed = [m for m in pending if "_error" in m]
-            error = failed[0]["_error"] if failed else None
+            if len(failed) != len(pending) - count:  # cannot tell which were queued: never answer 200
+                raise KafkaUnavailable("produce failed: messages neither queued nor refused")
+            error = failed[0]["_error"]
             if not all(_queue_full(m["_error"]) for m in failed) or time.monotonic() > deadline:
                 raise KafkaUnavailable(f"produce failed: {error}")
             pending = [{"key": m["key"], "value": m["value"]} for m in failed]

@@ -178,6 +178,34 @@ def test_a_batch_is_acknowledged_whole_and_in_order(capture, capture_settings):
     assert {orjson.loads(m.value())["uuid"] for m in messages} == {e["uuid"] for e in batch}
 
 
+@pytest.mark.parametrize("gzip_body", [False, True], ids=["json", "gzip"])
+def test_the_official_posthog_python_sdk_works_unchanged(capture, capture_settings, gzip_body):
+    posthog = pytest.importorskip("posthog")
+    run = marker()
+    errors: list = []
+    client = posthog.Posthog(TOKEN, host=f"http://{capture[0]}:{capture[1]}", gzip=gzip_body, on_error=lambda e, _: errors.append(e),
+                             flush_at=50, disable_geoip=True, enable_local_evaluation=False)
+    sent = [client.capture("sdk_event", distinct_id=f"{run}-{i % 3}", properties={"run": run, "i": i},
+                           groups={"company": "acme"}) for i in range(120)]
+    sent.append(client.set(distinct_id=f"{run}-0", properties={"run": run, "plan": "pro"}))
+    sent.append(client.group_identify("company", "acme", properties={"run": run, "name": "Acme"}))
+    client.flush()
+    client.shutdown()
+    assert errors == []
+    messages = read_raw(capture_settings, lambda env: run in orjson.dumps(env).decode(), 122)
+    envelopes = [orjson.loads(m.value()) for m in messages]
+    set_event = next(e for e in envelopes if e["event"] == "$set")
+    assert set_event["$set"] == {"run": run, "plan": "pro"}  # top-level $set, merged by the identity stage
+    assert {e["uuid"] for e in envelopes} == {str(u) for u in sent}  # the SDK's uuids are kept
+    events = {e["event"] for e in envelopes}
+    assert events == {"sdk_event", "$set", "$groupidentify"}
+    first = next(e for e in envelopes if e["event"] == "sdk_event")
+    assert first["properties"]["$lib"] == "posthog-python" and first["properties"]["$groups"] == {"company": "acme"}
+    assert first["sent_at"]  # the batch's sent_at was read
+    age = datetime.now(timezone.utc) - datetime.fromisoformat(first["timestamp"])
+    assert timedelta(0) <= age < timedelta(seconds=60)  # same clock: the skew correction changed next to nothing
+
+
 BAD_REQUESTS = [
     ("no token", "/e", {"event": "e", "distinct_id": "d"}, 401, "ingest_key_required"),
     ("unknown token", "/e", {"token": "phc_stranger", "event": "e", "distinct_id": "d"}, 401, "unknown_token"),
