@@ -113,9 +113,11 @@ class AckingProducer:
             queued += count
             if count == len(pending):
                 break
-            failed = [m for m in pending if "_error" in m]
-            if len(failed) != len(pending) - count:  # cannot tell which were queued: never answer 200
-                raise KafkaUnavailable("produce failed: messages neither queued nor refused")
+            failed = pending[count:]
+            # the refused must be the tail (librdkafka queues in order until the queue is full), so
+            # that queueing them again keeps each distinct id's order; anything else is a 503
+            if not all("_error" in m for m in failed) or any("_error" in m for m in pending[:count]):
+                raise KafkaUnavailable("produce failed: refused messages are not the batch's tail")
             error = failed[0]["_error"]
             if not all(_queue_full(m["_error"]) for m in failed) or time.monotonic() > deadline:
                 raise KafkaUnavailable(f"produce failed: {error}")

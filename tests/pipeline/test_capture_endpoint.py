@@ -377,3 +377,39 @@ def _iso_in(seconds: float) -> str:
 
 def _naive(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+def test_a_full_producer_queue_is_waited_out_in_order(capture_settings):
+    """More messages than librdkafka's queue holds: the tail is queued again once there is room,
+    and the request is acknowledged whole, each key's order kept."""
+    import asyncio
+
+    from producers.capture.kafka import AckingProducer
+
+    run = marker()
+    producer = AckingProducer({**capture_settings.kafka_config(), "queue.buffering.max.messages": 50}, delivery_timeout_s=10)
+    topic = TopicNames(capture_settings.topic_prefix).events_raw
+    messages = [(f"{TOKEN}:{run}-{i % 3}".encode(), orjson.dumps({"properties": {"run": run, "i": i}})) for i in range(400)]
+    calls = []
+
+    class Counting:  # the real producer, with its produce_batch calls counted
+        def __init__(self, inner):
+            self.inner = inner
+
+        def produce_batch(self, *args, **kwargs):
+            calls.append(len(args[1]))
+            return self.inner.produce_batch(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    producer._producer = Counting(producer._producer)
+    try:
+        asyncio.run(producer.send(topic, messages))
+    finally:
+        assert producer.close() == 0
+    assert len(calls) > 1 and calls[0] == 400  # the queue was full at least once
+    found = read_raw(capture_settings, lambda env: env.get("properties", {}).get("run") == run, 400)
+    for key in {k for k, _ in messages}:
+        order = [orjson.loads(m.value())["properties"]["i"] for m in found if m.key() == key]
+        assert order == sorted(order) and len(order) in (133, 134)
