@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--verbose-sink", action="store_true", help="the sink logs each batch (its log is in the work folder)")
     args = parser.parse_args(argv)
 
     with Stack("sink") as stack:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         assert producer.flush(120) == 0
         print(f"filled {topic}: {args.events:,} rows of {size / args.events:.0f} bytes in {time.perf_counter() - started:.1f}s")
 
-        sink = stack.headwater("sink", "sink")
+        sink = stack.headwater("sink", "sink", *(["--verbose"] if args.verbose_sink else []))
         count = lambda: client.query(f"SELECT count() FROM {stack.database}.events").result_rows[0][0]  # noqa: E731
         first, last, elapsed, cpu = wait_for_rows(count, args.events, {"sink": sink, "clickhouse": stack.clickhouse})
         total, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {stack.database}.events").result_rows[0]
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
         client.close()
+        print(f"logs: {stack.work}")
         return figures
 
 

@@ -123,3 +123,38 @@ def test_in_cluster_mode_inserts_wait_for_the_shards_and_lookups_read_their_own_
         for sink in (single, cluster):
             sink.writer.shutdown()
             sink.consumer.close()
+
+
+def test_a_big_batch_looks_its_uuids_up_in_pieces_small_enough_to_be_read_by_key():
+    """Above ~20,000 ids ClickHouse stops reading ``event_uuids`` by key (LOOKUP_IDS)."""
+    import uuid as uuid_module
+    from types import SimpleNamespace
+
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import LOOKUP_IDS, Batch, ClickHouseSink, event_identity
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.lookups: list[int] = []
+            self.inserted: list[list] = []
+
+        def query(self, sql, parameters, settings):
+            self.lookups.append(str(parameters["ids"]).count(",") + 1)
+            return SimpleNamespace(result_rows=[])
+
+        def insert(self, table, rows, column_names, settings):
+            self.inserted.extend(rows)
+
+    client = Recorder()
+    sink = ClickHouseSink(Settings(), client=client)
+    try:
+        n = 2 * LOOKUP_IDS + 5
+        messages = [FakeMessage(orjson.dumps(row(uuid=str(uuid_module.UUID(int=i + 1)))), offset=i, topic="events_enriched")
+                    for i in range(n)]
+        batch = Batch("events_enriched", 0, 0, n - 1, messages)
+        kept = sink._first_carriers(batch, [event_identity(m.value()) for m in messages])
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    assert client.lookups == [LOOKUP_IDS, LOOKUP_IDS, 5]
+    assert len(kept) == n and len(client.inserted) == n
