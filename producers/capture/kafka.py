@@ -30,6 +30,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "partitioner": "murmur2_random",  # Java's default, as producers.backend: keys land where the identity stage expects
     "queue.buffering.max.messages": 500_000,
     "batch.num.messages": 10_000,
+    # a missing events_raw is an error (503), not a topic for the broker to create with its own
+    # partition count: the identity stage needs events_raw co-partitioned with its state topics
+    "allow.auto.create.topics": False,
 }
 
 

@@ -158,14 +158,17 @@ def serve(settings: Settings, *, delivery_timeout_s: float = 10.0) -> None:
     """Run capture on ``settings.capture_addr`` until SIGINT or SIGTERM."""
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         capture = Capture(settings, delivery_timeout_s=delivery_timeout_s)
         host, port = settings.capture_host_port
         bound = await capture.start(host, port)
         log.info("capture: listening on http://%s:%d, producing to %s", bound[0], bound[1], capture.app.topic)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if not await loop.run_in_executor(None, capture.producer.reachable, capture.app.topic, 5.0):
+            log.warning("capture: %s is not reachable (Kafka down, or run `headwater topics`): requests get 503 until it is",
+                        capture.app.topic)
         await stop.wait()
         log.info("capture: stopping (%d events accepted)", capture.app.accepted)
         await capture.stop()

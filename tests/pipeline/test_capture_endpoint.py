@@ -332,6 +332,23 @@ def test_503_when_kafka_is_unreachable(kafka_bootstrap):
         server.stop()
 
 
+def test_503_when_events_raw_does_not_exist_and_capture_does_not_create_it(kafka_bootstrap):
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"missing{uuid.uuid4().hex[:6]}_", teams="phc_test:7")
+    server = CaptureThread(settings, delivery_timeout_s=1.0)
+    address = server.start()
+    try:
+        answer = post(address, "/e", {"token": TOKEN, "event": "e", "distinct_id": "d"})
+        assert (answer.status, answer.json()["code"]) == (503, "kafka_unavailable")
+        assert call(address, "GET", "/_liveness").status == 503
+    finally:
+        server.stop()
+    lister = Consumer(settings.consumer_config("lister"))
+    try:
+        assert TopicNames(settings.topic_prefix).events_raw not in lister.list_topics(timeout=10).topics
+    finally:
+        lister.close()
+
+
 # -- the whole pipeline ---------------------------------------------------------------------------
 def test_events_posted_to_batch_land_in_clickhouse_with_their_persons(settings, test_env, pipeline, clickhouse):
     port = free_port()
