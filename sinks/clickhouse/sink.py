@@ -306,6 +306,10 @@ def dead_letter_row(message: Message) -> list[Any]:
     ]
 
 
+ROW_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
+"""What a row function raises for a message it cannot read (ValueError includes JSONDecodeError)."""
+
+
 @dataclass(frozen=True)
 class TableRoute:
     table: str
@@ -557,15 +561,7 @@ class ClickHouseSink:
             self._write_events(batch)
             return
         route = self.routes[batch.topic]
-        rows, dead = [], []
-        for message in batch.messages:
-            try:
-                row = route.to_row(message)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError includes JSONDecodeError
-                dead.append(self._unreadable(message, exc))
-                continue
-            if row is not None:
-                rows.append(row)
+        rows, dead = self._checked_rows(batch.messages, route.to_row)
         self._insert_dead_letters(batch, dead)
         if rows:
             self._insert(route.table, rows, route.columns, batch.token)
@@ -580,7 +576,7 @@ class ClickHouseSink:
                 try:
                     row = event_row(message)
                     ids[i] = f"{row[1]}:{row[0]}"
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                except ROW_ERRORS as exc:
                     dead.append(self._unreadable(message, exc))
         started = time.perf_counter()
         keep = self._first_carriers(batch, ids)
@@ -599,12 +595,7 @@ class ClickHouseSink:
             # ClickHouse refused the data: check every row here, keep the bad ones as dead letters
             log.warning("sink: ClickHouse refused %s (%s); checking its %d rows one by one", batch.token,
                         str(exc).splitlines()[0][:200], len(keep))
-            rows, bad = [], []
-            for message in keep:
-                try:
-                    rows.append(event_row(message))
-                except (ValueError, KeyError, TypeError, AttributeError) as row_exc:
-                    bad.append(self._unreadable(message, row_exc))
+            rows, bad = self._checked_rows(keep, event_row)
             if rows:
                 self._insert(table, rows, EVENT_COLUMNS, batch.token)
             self._insert_dead_letters(batch, dead + bad)
@@ -648,6 +639,20 @@ class ClickHouseSink:
             self._insert(f"{self.database}.event_uuids", new, ("id", "source_partition", "source_offset"),
                          f"{batch.token}:uuids")
         return keep
+
+    def _checked_rows(self, messages: list[Message], to_row: Callable[[Message], list[Any] | None]
+                      ) -> tuple[list[list[Any]], list[list[Any]]]:
+        """(rows, dead letters) of ``messages``; a message that carries no row (a tombstone) is neither."""
+        rows, dead = [], []
+        for message in messages:
+            try:
+                row = to_row(message)
+            except ROW_ERRORS as exc:
+                dead.append(self._unreadable(message, exc))
+                continue
+            if row is not None:
+                rows.append(row)
+        return rows, dead
 
     def _unreadable(self, message: Message, exc: Exception) -> list[Any]:
         # Our own processors wrote this topic, so this is a bug upstream: keep it as a dead letter.
