@@ -406,6 +406,79 @@ def test_capture_internal_events_get_the_loopback_ip_and_properties_stay_as_sent
     assert env["properties"] == {"capture_internal": True, "token": "phc_test"}
 
 
+def _parsed_properties(value: bytes) -> dict:
+    outcome = parse_raw_event(value, TEAMS, topic="events_raw", partition=0, offset=0, broker_timestamp_ms=0)
+    assert isinstance(outcome, Ok)
+    return outcome.value.properties
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize(("sent", "expected"), [
+    (_ABSENT, "10.0.0.1"),  # the client address capture saw (ip="10.0.0.1" in prepare())
+    (None, "10.0.0.1"),  # falsy: replaced, as PostHog's `if (!properties['$ip'] && event.ip)`
+    ("", "10.0.0.1"),
+    ("0.0.0.0", "0.0.0.0"),  # a client's own (truthy) $ip is kept: how a page redacts it
+    ("2001:db8::1", "2001:db8::1"),
+], ids=["absent", "null", "empty", "placeholder", "ipv6"])
+def test_the_client_ip_becomes_the_ip_property_unless_the_event_has_one(sent, expected):
+    properties = {"token": "phc_test"} if sent is _ABSENT else {"token": "phc_test", "$ip": sent}
+    [(_, value)] = prepare(orjson.dumps({"event": "e", "distinct_id": "d", "properties": properties}), path="/e").messages
+    assert orjson.loads(value)["ip"] == "10.0.0.1"  # the envelope keeps the address itself
+    assert _parsed_properties(value)["$ip"] == expected
+
+
+def test_capture_internal_events_get_the_loopback_ip_property():
+    event = {"token": "phc_test", "event": "e", "distinct_id": "d", "properties": {"capture_internal": True}}
+    [(_, value)] = prepare(orjson.dumps(event), path="/e").messages
+    assert _parsed_properties(value)["$ip"] == "127.0.0.1"
+
+
+def test_events_without_an_envelope_ip_get_no_ip_property():
+    """Backend producers (producers.backend, any Kafka client) have no client address to report."""
+    value = orjson.dumps({"token": "phc_test", "distinct_id": "d", "event": "invoice_paid", "properties": {"amount": 3}})
+    assert _parsed_properties(value) == {"amount": 3}
+
+
+def test_sent_at_becomes_the_sent_at_property():
+    body = {"api_key": "phc_test", "sent_at": "2023-01-01T12:00:10Z", "batch": [{"event": "e", "distinct_id": "d"}]}
+    [(_, value)] = prepare(orjson.dumps(body)).messages
+    assert _parsed_properties(value)["$sent_at"] == "2023-01-01T12:00:10+00:00"
+    [(_, value)] = prepare(orjson.dumps({"api_key": "phc_test", "batch": [{"event": "e", "distinct_id": "d"}]})).messages
+    assert "$sent_at" not in _parsed_properties(value)  # no sent_at, no property
+
+
+# -- what posthog-js sends (1.449, the version tests/js pins) ---------------------------------------
+def _posthog_js_batch(distinct_id: str) -> bytes:
+    """posthog-js's body: {api_key, batch, sent_at}, events with token and distinct_id in properties."""
+    return orjson.dumps({"api_key": "phc_test", "sent_at": "2023-01-01T12:00:10.000Z", "batch": [
+        {"uuid": "01a20439-1d55-7411-985f-659ef29277e6", "event": "$pageview", "timestamp": "2023-01-01T11:00:00.000Z",
+         "properties": {"token": "phc_test", "distinct_id": distinct_id, "$session_id": "01a20439-1d46-706b-9242-2634341d922a",
+                        "$lib": "web"}}]})
+
+
+def test_posthog_js_gzip_body_sent_as_text_plain_without_query():
+    [env] = envelopes(prepare(gzip.compress(_posthog_js_batch("anon-1")), path="/e", content_type="text/plain"))
+    assert (env["distinct_id"], env["event"], env["uuid"]) == ("anon-1", "$pageview", "01a20439-1d55-7411-985f-659ef29277e6")
+    assert env["timestamp"] == "2023-01-01T10:59:50+00:00"  # the body's sent_at corrected the 10 s skew
+    assert env["properties"]["$session_id"] == "01a20439-1d46-706b-9242-2634341d922a"
+
+
+def test_posthog_js_page_hide_beacon_base64_form_with_compression_in_the_query():
+    """sendBeacon without gzip: `data=<encodeURIComponent(base64(json))>` as a form, `?compression=base64`."""
+    body = "data=" + quote(base64.b64encode(_posthog_js_batch("anon-2")).decode(), safe="")
+    [env] = envelopes(prepare(body, path="/e", content_type=FORM, query="compression=base64"))
+    assert (env["distinct_id"], env["token"]) == ("anon-2", "phc_test")
+
+
+def test_older_posthog_js_query_parameters_are_accepted_and_ignored():
+    """`ip=1` (an option posthog-js no longer honours; PostHog's capture ignores it), `ver`, `_`, `compression`."""
+    query = "ip=1&_=1672574410000&ver=1.160.0&compression=gzip-js"
+    [env] = envelopes(prepare(gzip.compress(_posthog_js_batch("anon-3")), path="/e", content_type="text/plain", query=query))
+    assert env["ip"] == "10.0.0.1" and env["distinct_id"] == "anon-3"
+
+
 def test_historical_migration_is_passed_on():
     body = {"api_key": "phc_test", "historical_migration": True, "batch": [{"event": "e", "distinct_id": "d"}]}
     assert envelopes(prepare(orjson.dumps(body)))[0]["historical_migration"] is True

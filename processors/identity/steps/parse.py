@@ -9,6 +9,9 @@ Dead-letter reasons: ``invalid_json``, ``not_an_object``, ``missing_token``, ``u
 ``invalid_properties``, ``invalid_person_update``. Drop: ``distinct_id_too_long`` (warning
 ``skipping_event_invalid_distinct_id``, as PostHog). Warning without drop: ``ignored_invalid_timestamp``
 (the event keeps ``now``).
+
+Properties added as PostHog's ingestion adds them: ``$ip`` from the envelope's ``ip`` (the client
+address capture saw) when the event has no truthy ``$ip`` of its own, ``$sent_at`` from ``sent_at``.
 """
 
 from __future__ import annotations
@@ -108,6 +111,14 @@ def parse_raw_event(
         inner = properties.get(key)
         # the top-level $set overrides properties.$set on conflicts (semantics §1.5)
         properties[key] = {**inner, **top} if isinstance(inner, dict) else dict(top)
+    # PostHog's normalizeEvent: the client ip that capture saw becomes $ip unless the event brought
+    # a (truthy) one; the client's send time is kept as $sent_at
+    ip = doc.get("ip")
+    if ip and isinstance(ip, str) and not properties.get("$ip"):
+        properties["$ip"] = ip
+    sent_at = doc.get("sent_at")
+    if sent_at and isinstance(sent_at, str):
+        properties["$sent_at"] = sent_at
 
     now_us = to_epoch_us(doc.get("now"))
     if now_us is None:
