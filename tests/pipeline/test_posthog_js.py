@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,7 +88,7 @@ PAGE = """<!doctype html>
 <script>
 const report = (kind, body) => fetch('/report', {method: 'POST', body: JSON.stringify({kind, ...body})});
 window.addEventListener('error', (e) => report('page_error', {message: String(e.message)}));
-posthog.init(%(token)s, {
+posthog.init(%(token)s, Object.assign({
   api_host: %(api_host)s,
   // nothing but capture: no /flags or remote config, recordings, surveys, tours, toolbar or external scripts
   advanced_disable_flags: true,
@@ -105,11 +106,19 @@ posthog.init(%(token)s, {
   capture_heatmaps: false,
   capture_dead_clicks: false,
   rageclick: false,
-  // the default batching, flushed every 250 ms instead of 3 s
-  request_batching: true,
-  request_queue_config: {flush_interval_ms: 250},
+  request_batching: true,  // the default: events queued and sent together
   on_request_error: (response) => report('request_error', {status: response.statusCode, text: String(response.text || '')}),
   loaded: (ph) => {
+%(actions)s
+  },
+}, %(options)s));
+</script></body></html>
+"""
+
+#: capture, identify, group, capture; the queue flushed every 250 ms (3 s by default)
+SIGN_UP = (
+    {"request_queue_config": {"flush_interval_ms": 250}},
+    """
     const anonymous = ph.get_distinct_id();
     ph.capture('viewed_pricing', {plan: 'pro', price: 49});
     ph.identify('user-1', {email: 'ada@example.com', name: 'Ada'}, {first_page: 'pricing'});
@@ -117,19 +126,29 @@ posthog.init(%(token)s, {
     ph.capture('clicked_signup', {button: 'hero'});
     report('called', {anonymous, distinct_id: ph.get_distinct_id(), session_id: ph.get_session_id(),
                       version: ph.version, groups: ph.getGroups()});
-  },
-});
-</script></body></html>
-"""
+""")
+
+#: an event, then the page is left before the queue's next flush (5 s, the longest allowed): posthog-js
+#: sends what is still queued, and $pageleave, with navigator.sendBeacon. Uncompressed, so its fetches are
+#: JSON (CORS preflight first) and the beacon a form, `data=<base64>` with `?compression=base64`
+LEAVE_EARLY = (
+    {"request_queue_config": {"flush_interval_ms": 5000}, "capture_pageleave": True, "disable_compression": True},
+    """
+    ph.capture('read_pricing', {section: 'faq'});
+    report('called', {anonymous: ph.get_distinct_id(), session_id: ph.get_session_id()})
+      .then(() => { window.location.href = '/left'; });
+""")
 
 
 class ShopPage:
     """The test page, the posthog-js build and the page's reports, served on 127.0.0.1."""
 
-    def __init__(self, api_host: str, posthog_js: Path) -> None:
+    def __init__(self, api_host: str, posthog_js: Path, script: tuple[dict, str]) -> None:
         self.reports: list[dict] = []
-        page = (PAGE % {"token": json.dumps(TOKEN), "api_host": json.dumps(api_host)}).encode()
-        script = posthog_js.read_bytes()
+        options, actions = script
+        page = (PAGE % {"token": json.dumps(TOKEN), "api_host": json.dumps(api_host), "options": json.dumps(options),
+                        "actions": actions}).encode()
+        posthog_build = posthog_js.read_bytes()
         site = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,7 +156,9 @@ class ShopPage:
                 if self.path == "/":
                     self._answer(200, page, "text/html; charset=utf-8")
                 elif self.path == "/posthog-js/array.full.js":
-                    self._answer(200, script, "application/javascript")
+                    self._answer(200, posthog_build, "application/javascript")
+                elif self.path == "/left":
+                    self._answer(200, b"<!doctype html><title>elsewhere</title><p>left", "text/html")
                 else:
                     self._answer(404, b"not found", "text/plain")
 
@@ -220,33 +241,40 @@ def browser(chromium: str, tmp_path: Path) -> Iterator:
             pass
 
 
-EXPECTED_EVENTS = ["$pageview", "viewed_pricing", "$identify", "$groupidentify", "clicked_signup"]
-
-
-def test_posthog_js_in_chromium_lands_sessions_persons_and_groups(chromium, posthog_js, settings, pipeline, clickhouse, browser):
+def run_page(script: tuple[dict, str], *, pipeline: Pipeline, clickhouse, db: str, posthog_js: Path, browser,
+             expected_events: int) -> tuple[str, dict]:
+    """Serve a page running ``script`` against a fresh ``headwater capture``, open it in Chromium, wait
+    for its report and for ``expected_events`` rows in ClickHouse; the page's URL and its report."""
     api_host = start_capture(pipeline)
-    db = settings.clickhouse.database
-    with ShopPage(api_host, posthog_js) as site:
+    with ShopPage(api_host, posthog_js, script) as site:
         chromium_log = browser(site.url)
 
-        def called() -> list[dict]:
-            return site.of_kind("called") or site.of_kind("page_error")
+        def why() -> str:
+            return (f"page reports {site.reports}\nchromium: {chromium_log.read_text(errors='replace')[-3000:]}\n"
+                    f"capture: {pipeline.log('capture')[-3000:]}")
 
-        wait_until(called, 60, message=f"the page to report (chromium log: {chromium_log})")
-        assert site.of_kind("page_error") == [], chromium_log.read_text(errors="replace")[-3000:]
-        [page] = site.of_kind("called")
-
-        def landed() -> list:
-            rows = clickhouse.query(f"SELECT event FROM {db}.events").result_rows
-            return len(rows) >= len(EXPECTED_EVENTS) and rows
+        def landed() -> bool:
+            return clickhouse.query(f"SELECT count() FROM {db}.events").result_rows[0][0] >= expected_events
 
         try:
-            wait_until(landed, 90, message="posthog-js's events in ClickHouse")
-        except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\npage reports {site.reports}\n"
-                        f"chromium: {chromium_log.read_text(errors='replace')[-3000:]}\ncapture: {pipeline.log('capture')[-3000:]}")
-        assert site.of_kind("request_error") == []  # posthog-js was never refused, and called nothing missing
+            wait_until(lambda: site.of_kind("called") or site.of_kind("page_error"), 60, message="the page to report")
+            assert site.of_kind("page_error") == []
+            wait_until(landed, 90, message=f"{expected_events} events of posthog-js in ClickHouse")
+        except (AssertionError, pytest.fail.Exception) as exc:
+            pytest.fail(f"{exc}\n{why()}")
+        assert site.of_kind("request_error") == [], why()  # capture never refused posthog-js, nor lacked a path it called
+        [page] = site.of_kind("called")
+        return site.url, page
 
+
+SIGN_UP_EVENTS = ["$pageview", "viewed_pricing", "$identify", "$groupidentify", "clicked_signup"]
+
+
+def test_posthog_js_capture_identify_group_land_with_session_person_and_group(posthog_js, chromium, settings, pipeline,
+                                                                               clickhouse, browser):
+    db = settings.clickhouse.database
+    url, page = run_page(SIGN_UP, pipeline=pipeline, clickhouse=clickhouse, db=db, posthog_js=posthog_js, browser=browser,
+                         expected_events=len(SIGN_UP_EVENTS))
     anonymous, session_id = page["anonymous"], page["session_id"]
     assert page["distinct_id"] == "user-1" and anonymous != "user-1" and session_id
     assert page["groups"] == {"company": "acme"}
@@ -255,20 +283,20 @@ def test_posthog_js_in_chromium_lands_sessions_persons_and_groups(chromium, post
         f"`$group_0`, group0_properties FROM {db}.events ORDER BY timestamp, event").result_rows
     events = {r[0]: dict(zip(("event", "distinct_id", "person_id", "session_id", "window_id", "properties",
                               "person_properties", "group_0", "group0_properties"), r)) for r in rows}
-    assert sorted(events) == sorted(EXPECTED_EVENTS), [r[0] for r in rows]
-    assert len(rows) == len(EXPECTED_EVENTS)
+    assert sorted(events) == sorted(SIGN_UP_EVENTS), [r[0] for r in rows]
+    assert len(rows) == len(SIGN_UP_EVENTS)
     for e in events.values():
         e["properties"] = orjson.loads(e["properties"])
         e["person_properties"] = orjson.loads(e["person_properties"])
 
     # one session for the page: posthog-js's $session_id (a UUIDv7) on every event, and one window
-    assert {e["session_id"] for e in events.values()} == {session_id}
+    assert {e["session_id"] for e in events.values()} == {session_id} and uuid.UUID(session_id).version == 7
     assert len({e["window_id"] for e in events.values()}) == 1 and events["$pageview"]["window_id"]
     assert events["viewed_pricing"]["properties"]["$lib"] == "web"
     assert events["viewed_pricing"]["properties"]["$lib_version"] == page["version"]
     assert events["viewed_pricing"]["properties"]["plan"] == "pro"
     assert events["viewed_pricing"]["properties"]["$browser"] == "Chrome"
-    assert events["$pageview"]["properties"]["$current_url"] == site.url
+    assert events["$pageview"]["properties"]["$current_url"] == url
     # the client ip that capture saw became $ip, as PostHog's ingestion does
     assert {e["properties"].get("$ip") for e in events.values()} == {"127.0.0.1"}
 
@@ -310,4 +338,16 @@ def test_posthog_js_in_chromium_lands_sessions_persons_and_groups(chromium, post
     def session_row():
         return clickhouse.query(f"SELECT entry_url, pageviews, events FROM {db}.sessions WHERE session_id = {{s:String}}",
                                 parameters={"s": session_id}).result_rows
-    assert wait_until(session_row, 30, message="the session row") == [(site.url, 1, len(EXPECTED_EVENTS))]
+    assert wait_until(session_row, 30, message="the session row") == [(url, 1, len(SIGN_UP_EVENTS))]
+
+
+def test_events_queued_when_the_page_is_left_are_sent_by_beacon_and_land(posthog_js, chromium, settings, pipeline,
+                                                                          clickhouse, browser):
+    db = settings.clickhouse.database
+    url, page = run_page(LEAVE_EARLY, pipeline=pipeline, clickhouse=clickhouse, db=db, posthog_js=posthog_js,
+                         browser=browser, expected_events=3)
+    rows = clickhouse.query(f"SELECT event, distinct_id, `$session_id`, properties FROM {db}.events").result_rows
+    assert sorted(r[0] for r in rows) == ["$pageleave", "$pageview", "read_pricing"]
+    assert {(r[1], r[2]) for r in rows} == {(page["anonymous"], page["session_id"])}
+    read = next(orjson.loads(r[3]) for r in rows if r[0] == "read_pricing")
+    assert read["section"] == "faq" and read["$current_url"] == url and read["$ip"] == "127.0.0.1"
