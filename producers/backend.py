@@ -347,8 +347,10 @@ class EventsProducer:
         if error.fatal():
             self.fatal = error
             log.error("headwater client: the Kafka producer failed: %s", error)
-        else:
-            log.warning("headwater client: Kafka: %s", error)
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("headwater client: no Kafka broker reachable: %s", error.str())
+        else:  # librdkafka retries these itself, and logs them
+            log.debug("headwater client: Kafka: %s", error)
 
     def _serve_reports(self) -> None:
         while not self._stopping.is_set():
