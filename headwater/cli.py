@@ -312,6 +312,33 @@ def capture(
         raise typer.Exit(1) from None
 
 
+@app.command(
+    help="Send events to events_raw, one JSON object per line in the events_raw envelope (token, distinct_id, "
+    "event, and optionally uuid, timestamp, properties, $set, $set_once). Blank lines are skipped. A line without "
+    "uuid gets a new one; a line without timestamp happened now; timestamps are written in UTC. Each line's token "
+    "must be in HEADWATER_TEAMS.\n\n"
+    "Each bad line and each failed delivery is reported on stderr with its line number. The command waits for "
+    "Kafka to acknowledge every event, then prints 'sent N, failed N, bad lines N'.\n\n"
+    "Exit status: 0 when every line was sent; 1 when a line was bad, a delivery failed, or Kafka or the topic "
+    "is missing; 2 for a usage error."
+)
+def send(
+    file: Optional[str] = typer.Argument(
+        None, metavar="FILE.jsonl", help="JSON Lines file, one event per line; '-' or nothing reads stdin."
+    ),
+    token: Optional[str] = typer.Option(
+        None, help="Project token for lines that carry none (a line's own token wins); must be in HEADWATER_TEAMS."
+    ),
+    delivery_timeout: float = typer.Option(
+        30.0, min=1.0, help="Seconds Kafka has to acknowledge each event before it counts as failed."
+    ),
+) -> None:
+    from producers.send import run_send
+
+    settings = _settings()
+    raise typer.Exit(run_send(settings, file, token=token, delivery_timeout_s=delivery_timeout))
+
+
 @app.command()
 def schema(
     write: Optional[Path] = typer.Option(None, help="Write the JSON Schema to this file instead of printing it."),
