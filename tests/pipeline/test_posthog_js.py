@@ -43,7 +43,7 @@ CHROMIUM_FLAGS = [
 
 
 def chromium_binary() -> str | None:
-    for candidate in (os.environ.get("HEADWATER_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+    for candidate in (os.environ.get("CHROME_BIN"), "/usr/bin/chromium", shutil.which("chromium"),
                       shutil.which("chromium-browser")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -270,7 +270,7 @@ def run_page(script: tuple[dict, str], *, pipeline: Pipeline, clickhouse, db: st
 SIGN_UP_EVENTS = ["$pageview", "viewed_pricing", "$identify", "$groupidentify", "clicked_signup"]
 
 
-def test_posthog_js_capture_identify_group_land_with_session_person_and_group(posthog_js, chromium, settings, pipeline,
+def test_posthog_js_capture_identify_group_land_with_session_person_and_group(chromium, posthog_js, settings, pipeline,
                                                                                clickhouse, browser):
     db = settings.clickhouse.database
     url, page = run_page(SIGN_UP, pipeline=pipeline, clickhouse=clickhouse, db=db, posthog_js=posthog_js, browser=browser,
@@ -341,7 +341,7 @@ def test_posthog_js_capture_identify_group_land_with_session_person_and_group(po
     assert wait_until(session_row, 30, message="the session row") == [(url, 1, len(SIGN_UP_EVENTS))]
 
 
-def test_events_queued_when_the_page_is_left_are_sent_by_beacon_and_land(posthog_js, chromium, settings, pipeline,
+def test_events_queued_when_the_page_is_left_are_sent_by_beacon_and_land(chromium, posthog_js, settings, pipeline,
                                                                           clickhouse, browser):
     db = settings.clickhouse.database
     url, page = run_page(LEAVE_EARLY, pipeline=pipeline, clickhouse=clickhouse, db=db, posthog_js=posthog_js,
