@@ -1,9 +1,10 @@
 """The sink on its own: how many event rows per second it writes to ClickHouse.
 
-Starts its own embedded broker and ClickHouse (child processes, ended at exit), fills
-``events_enriched`` with realistic event rows (sessions of about 20 events, a person's properties,
-a group on most events, ~1 KB a row), then starts ``headwater sink`` and times it from its first
-row to its last, with the CPU seconds the sink and ClickHouse spent.
+Starts its own embedded broker and ClickHouse (child processes, ended at exit; in ``bench.run``
+the run's), fills ``events_enriched`` with realistic event rows (sessions of about 20 events, a
+person's properties, a group on most events, ~1 KB a row), then starts ``headwater sink`` and
+times it from its first row to its last, with the CPU seconds the sink, ClickHouse and the broker
+spent.
 
     .venv/bin/python -m bench.sink [--events 200000] [--json FILE]
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.common import Stack, wait_for_rows
+from bench.common import Phase, Stack, produce_all, rate, wait_for_rows
 from headwater.rows import EVENT_COLUMNS, GROUP_SLOTS
 
 T0 = 1_790_000_000_000_000
@@ -59,6 +60,37 @@ def rows(n: int, seed: int = 1):
         yield f"1:{did}".encode(), orjson.dumps(row)
 
 
+def measure_sink(phase: Phase, events: int, verbose: bool = False, timeout: float = 300) -> dict:
+    """Fills the phase's ``events_enriched`` with ``events`` rows, then times ``headwater sink``
+    from its first row to its last."""
+    client = phase.clickhouse()
+    topic = phase.topics.events_enriched
+    started = time.perf_counter()
+    size = 0
+
+    def sized():
+        nonlocal size
+        for key, value in rows(events):
+            size += len(value)
+            yield key, value
+
+    produce_all(phase.settings, topic, sized())
+    print(f"  filled {topic}: {events:,} rows of {size / events:.0f} bytes in {time.perf_counter() - started:.1f}s")
+    sink = phase.headwater("sink", "sink", *(["--verbose"] if verbose else []))
+    count = lambda: client.query(f"SELECT count() FROM {phase.database}.events").result_rows[0][0]  # noqa: E731
+    first, last, elapsed, cpu = wait_for_rows(count, events, {"sink": sink, "clickhouse": phase.stack.clickhouse,
+                                                             "broker": phase.stack.broker}, timeout)
+    total, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {phase.database}.events").result_rows[0]
+    client.close()
+    written = last - first
+    return {
+        "rows": written, "seconds": round(elapsed, 2), "rows_per_s": rate(written, elapsed),
+        "row_bytes": round(size / events), "complete": last >= events,
+        "cpu_us_per_row": {name: round(1e6 * s / written, 1) if written else None for name, s in cpu.items()},
+        "duplicates": total - unique,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -67,53 +99,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     with Stack("sink") as stack:
-        from confluent_kafka import Producer
-
-        from headwater.kafka_admin import ensure_topics
-        from headwater.settings import Settings
-        from headwater.topics import TopicNames
-        from sinks.clickhouse.client import connect
-        from sinks.clickhouse.migrate import apply_migrations
-
-        settings = Settings()
-        ensure_topics(settings)
-        client = connect(settings.clickhouse)
-        apply_migrations(client, stack.database)
-        topic = TopicNames(settings.topic_prefix).events_enriched
-        producer = Producer(settings.kafka_config(**{"linger.ms": 20, "batch.size": 1_000_000, "compression.type": "lz4"}))
-        started = time.perf_counter()
-        size = 0
-        for key, value in rows(args.events):
-            size += len(value)
-            while True:
-                try:
-                    producer.produce(topic, value, key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        assert producer.flush(120) == 0
-        print(f"filled {topic}: {args.events:,} rows of {size / args.events:.0f} bytes in {time.perf_counter() - started:.1f}s")
-
-        sink = stack.headwater("sink", "sink", *(["--verbose"] if args.verbose_sink else []))
-        count = lambda: client.query(f"SELECT count() FROM {stack.database}.events").result_rows[0][0]  # noqa: E731
-        first, last, elapsed, cpu = wait_for_rows(count, args.events, {"sink": sink, "clickhouse": stack.clickhouse})
-        total, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {stack.database}.events").result_rows[0]
-        written = last - first
-        figures = {
-            "rows": written, "seconds": round(elapsed, 2), "rows_per_s": round(written / elapsed),
-            "sink_cpu_s": round(cpu["sink"], 2), "clickhouse_cpu_s": round(cpu["clickhouse"], 2),
-            "sink_us_per_row": round(1e6 * cpu["sink"] / written, 1),
-            "clickhouse_us_per_row": round(1e6 * cpu["clickhouse"] / written, 1),
-            "duplicates": total - unique,
-        }
-        print(f"sink: {written:,} rows in {elapsed:.1f}s = {figures['rows_per_s']:,} rows/s "
-              f"(CPU per row: sink {figures['sink_us_per_row']} µs, ClickHouse {figures['clickhouse_us_per_row']} µs); "
-              f"duplicates {figures['duplicates']}")
-        if args.json:
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        client.close()
+        phase = stack.phase("s")
+        figures = measure_sink(phase, args.events, args.verbose_sink)
+        phase.close()
         print(f"logs: {stack.work}")
-        return figures
+    cpu = figures["cpu_us_per_row"]
+    print(f"sink: {figures['rows']:,} rows in {figures['seconds']}s = {figures['rows_per_s']:,} rows/s "
+          f"(CPU per row: sink {cpu['sink']} µs, ClickHouse {cpu['clickhouse']} µs, broker {cpu['broker']} µs); "
+          f"duplicates {figures['duplicates']}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 if __name__ == "__main__":
