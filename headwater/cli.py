@@ -62,7 +62,8 @@ def up(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the whole pipeline in the foreground (embedded broker and ClickHouse when none are
-    configured). Ctrl-C stops everything cleanly."""
+    configured, identity workers, sink, and the capture endpoint on HEADWATER_CAPTURE_ADDR).
+    Ctrl-C stops everything cleanly."""
     from .status import run_until_stopped
 
     _logging(verbose)
@@ -95,11 +96,18 @@ def _banner(settings: Settings) -> str:
     ch = settings.clickhouse
     kafka = "embedded Tansu (memory storage)" if settings.embedded_kafka else "configured cluster"
     clickhouse = "embedded chDB" if settings.embedded_clickhouse else "configured server"
+    host, port = settings.capture_host_port
+    capture = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    token = next(iter(settings.team_by_token), "phc_local")
     return (
         f"headwater is up.\n"
         f"  Kafka       {settings.bootstrap_servers}  ({kafka})\n"
         f"  ClickHouse  http://{ch.host}:{ch.port}  database {ch.database}  ({clickhouse})\n"
-        f"  Try: headwater sql \"SELECT event, count() FROM {ch.database}.events GROUP BY event\"\n"
+        f"  Capture     {capture}  (PostHog's capture API: posthog-js api_host, posthog-python host; "
+        f"tokens {', '.join(settings.team_by_token)})\n"
+        f"  Send: curl -s {capture}/batch/ -d '{{\"api_key\": \"{token}\", \"batch\": "
+        f"[{{\"event\": \"hello\", \"distinct_id\": \"me\"}}]}}'\n"
+        f"  Try:  headwater sql \"SELECT event, count() FROM {ch.database}.events GROUP BY event\"\n"
         f"  Ctrl-C to stop."
     )
 

@@ -3,15 +3,18 @@ other shells querying while it runs, and Ctrl-C leaving no process behind."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import clickhouse_connect
+import orjson
 import pytest
 
 from producers.backend import Client
 from tests.conftest import ROOT, free_port, wait_until
+from tests.pipeline.test_capture_endpoint import post
 
 pytestmark = pytest.mark.pipeline
 
@@ -21,6 +24,7 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         HEADWATER_EMBEDDED_KAFKA_PORT=str(free_port()),
         HEADWATER_EMBEDDED_CLICKHOUSE_PORT=str(free_port()),
+        HEADWATER_CAPTURE_ADDR=f"127.0.0.1:{free_port()}",
         HEADWATER_DATA_DIR=str(tmp_path / "data"),
         HEADWATER_KAFKA_SESSION_TIMEOUT_MS="1000",
         HEADWATER_SINK_BATCH_MS="200",
@@ -53,9 +57,10 @@ def headwater(env, *args, timeout=60):
     return subprocess.run([sys.executable, "-m", "headwater.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_up_serves_sql_and_clients_while_running_and_ctrl_c_stops_every_child(tmp_path):
+def test_up_serves_sql_capture_and_clients_while_running_and_ctrl_c_stops_every_child(tmp_path):
     env = embedded_env(tmp_path)
     kafka_port, ch_port = env["HEADWATER_EMBEDDED_KAFKA_PORT"], int(env["HEADWATER_EMBEDDED_CLICKHOUSE_PORT"])
+    capture_port = int(env["HEADWATER_CAPTURE_ADDR"].rpartition(":")[2])
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen([sys.executable, "-m", "headwater.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     children: list[int] = []
@@ -68,21 +73,33 @@ def test_up_serves_sql_and_clients_while_running_and_ctrl_c_stops_every_child(tm
                 return None
 
         wait_until(events_table_ready, 90, interval=0.3, message="headwater up to be ready")
-        children = wait_until(lambda: len(children_of(up.pid)) >= 4 and children_of(up.pid), 30, message="four children")
+        children = wait_until(lambda: len(children_of(up.pid)) >= 5 and children_of(up.pid), 30, message="five children")
+        # the banner names the capture endpoint, which is up before the banner is printed
+        wait_until(lambda: "headwater is up." in (tmp_path / "up.log").read_text(), 30, message="the banner")
+        assert f"Capture     http://127.0.0.1:{capture_port}" in (tmp_path / "up.log").read_text()
 
         client = Client("phc_local", bootstrap=f"127.0.0.1:{kafka_port}")
         for i in range(50):
             client.capture(f"user-{i}", "clicked", {"i": i})
         assert client.flush() == 0
         client.close()
+        # a browser or SDK: PostHog's capture API on HEADWATER_CAPTURE_ADDR
+        answer = post(("127.0.0.1", capture_port), "/batch/", {"api_key": "phc_local", "batch": [
+            {"event": "captured_over_http", "distinct_id": "web-1", "properties": {"$current_url": "https://shop.example/"}}]})
+        assert (answer.status, answer.json()) == (200, {"status": "Ok"})
 
         # another shell: headwater sql
         def sql_count():
             result = headwater(env, "sql", "SELECT count() AS n FROM headwater.events", "--format", "tsv")
             assert result.returncode == 0, result.stderr
-            return result.stdout.splitlines()[-1] == "50"
+            return result.stdout.splitlines()[-1] == "51"
 
-        wait_until(sql_count, 60, interval=0.5, message="headwater sql to count 50 events")
+        wait_until(sql_count, 60, interval=0.5, message="headwater sql to count 51 events")
+        ch = clickhouse_connect.get_client(host="127.0.0.1", port=ch_port)
+        [(distinct_id, properties)] = ch.query(
+            "SELECT distinct_id, properties FROM headwater.events WHERE event = 'captured_over_http'").result_rows
+        assert distinct_id == "web-1" and orjson.loads(properties)["$ip"] == "127.0.0.1"
+        ch.close()
 
         # another process: clickhouse-connect can query and insert
         ch = clickhouse_connect.get_client(host="127.0.0.1", port=ch_port)
@@ -106,6 +123,8 @@ def test_up_serves_sql_and_clients_while_running_and_ctrl_c_stops_every_child(tm
         os.kill(pid, signal.SIGKILL)
     assert leftovers == []
     assert "headwater: stopped." in (tmp_path / "up.log").read_text()
+    # capture was stopped by SIGTERM, not killed: it answered, flushed and said so
+    assert "capture: stopping (1 events accepted)" in (tmp_path / "data" / "logs" / "capture.log").read_text()
 
 
 def test_demo_prints_query_results_from_clickhouse(tmp_path):
@@ -131,3 +150,13 @@ def test_demo_prints_query_results_from_clickhouse(tmp_path):
     funnel = out.split("== Signup funnel")[1].splitlines()
     numbers = [int(x) for x in funnel[3].split("|")]
     assert numbers[0] >= numbers[1] >= numbers[2] and numbers[0] == 40
+
+
+def test_up_refuses_a_taken_capture_address_before_starting_anything(tmp_path):
+    env = embedded_env(tmp_path)
+    host, _, port = env["HEADWATER_CAPTURE_ADDR"].rpartition(":")
+    with socket.create_server((host, int(port))):  # someone else listens there
+        result = headwater(env, "up", timeout=60)
+    assert result.returncode == 1
+    assert f"capture address {host}:{port} is taken" in result.stderr and "HEADWATER_CAPTURE_ADDR" in result.stderr
+    assert not (tmp_path / "data" / "logs" / "broker.log").exists()  # nothing was started
