@@ -1,8 +1,15 @@
 """The official posthog-js (from npm, pinned in tests/js/package.json) in headless Chromium (Debian's
-``chromium``, no browser download), on a test page served from 127.0.0.1, sending capture,
-identify and group calls through ``headwater capture`` into the running pipeline; what lands in
-ClickHouse is checked: one ``$session_id`` for the page, the anonymous id and ``user-1`` one
-person, ``$groups``/``$group_0`` after ``group()``, the group row, the person's properties, ``$ip``.
+``chromium``, no browser download), on test pages served from 127.0.0.1, sending to ``headwater
+capture`` in front of the running pipeline; what lands in ClickHouse is checked:
+- capture, identify, group, capture: one ``$session_id`` for the page, the anonymous id and
+  ``user-1`` one person with the identify's properties, ``$groups``/``$group_0`` after ``group()``,
+  the group row, ``$ip``, the sessions row;
+- a page left before posthog-js's queue was flushed: the rest comes by ``sendBeacon`` and lands;
+- posthog-js's defaults (flags and remote config on): 404 for those, and the events still land.
+
+Each page turns off what would call anything but capture, unless the test is about it. posthog-js
+needs a desktop user agent (it drops a HeadlessChrome's events as a bot's). The page reports
+posthog-js's ids and every request error to the test's own server.
 
 Skips only when Chromium is not installed or cannot start (``.ci/run`` installs it with apt-get).
 posthog-js is installed from tests/js/package-lock.json with ``npm ci`` when it is missing.
