@@ -326,9 +326,10 @@ def capture(
     "uuid gets a new one; a line without timestamp happened now; timestamps are written in UTC. Each line's token "
     "must be in HEADWATER_TEAMS.\n\n"
     "Each bad line and each failed delivery is reported on stderr with its line number. The command waits for "
-    "Kafka to acknowledge every event, then prints 'sent N, failed N, bad lines N'.\n\n"
-    "Exit status: 0 when every line was sent; 1 when a line was bad, a delivery failed, or Kafka or the topic "
-    "is missing; 2 for a usage error."
+    "Kafka to acknowledge every event, then prints 'sent N, failed N, bad lines N'. Ctrl-C stops reading; what "
+    "was read is still sent and counted.\n\n"
+    "Exit status: 0 when every line was sent; 1 when a line was bad, a delivery failed, Kafka or the topic is "
+    "missing, or the command was interrupted; 2 for a usage error."
 )
 def send(
     file: Optional[str] = typer.Argument(

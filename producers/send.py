@@ -11,14 +11,17 @@ sent keyed ``token:distinct_id``:
 
 A bad line is reported on stderr with its number and counted; a failed delivery likewise. The
 summary goes to stdout: ``sent N, failed N, bad lines N``. Exit status 0 when every line was
-acknowledged by Kafka, 1 otherwise, 2 for a usage error.
+acknowledged by Kafka, 1 otherwise (also after Ctrl-C, which stops reading but still sends and
+counts what was read), 2 for a usage error.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -113,15 +116,40 @@ def event_from_line(line: bytes, *, teams: Mapping[str, int], default_token: str
     return message
 
 
+def read_lines(stream: IO[bytes], wake_s: float = 0.2) -> Iterator[bytes]:
+    """The lines of ``stream`` (without their newline). The reads wait in ``select`` for at most
+    ``wake_s`` at a time: a thread blocked in one long ``read`` was seen not to receive Ctrl-C
+    once librdkafka was connected (the signal stayed pending until the read returned)."""
+    fd = stream.fileno()
+    parts: list[bytes] = []  # pieces of the line being read
+    while True:
+        if not select.select([fd], [], [], wake_s)[0]:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        if b"\n" not in chunk:
+            parts.append(chunk)
+            continue
+        first, *rest = chunk.split(b"\n")
+        yield b"".join([*parts, first])
+        *middle, last = rest
+        yield from middle
+        parts = [last] if last else []
+    if parts:
+        yield b"".join(parts)
+
+
 @dataclass
 class SendSummary:
     sent: int = 0
     failed: int = 0
     bad_lines: int = 0
+    interrupted: bool = False  # Ctrl-C: the lines not read yet are not counted anywhere
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.failed == 0 and self.bad_lines == 0 else 1
+        return 0 if self.failed == 0 and self.bad_lines == 0 and not self.interrupted else 1
 
     def __str__(self) -> str:
         return f"sent {self.sent}, failed {self.failed}, bad lines {self.bad_lines}"
@@ -155,7 +183,8 @@ def send_lines(lines: Iterable[bytes], producer: EventsProducer, *, teams: Mappi
                 summary.bad_lines += 1
                 complain(f"line {number}: {exc}")
     except KeyboardInterrupt:
-        complain(f"interrupted after line {number}: sending what was read")
+        summary.interrupted = True
+        complain(f"interrupted after line {number}: sending what was read, the rest is not sent")
     finally:
         left = producer.close(close_timeout_s)
     if left:
@@ -196,7 +225,7 @@ def run_send(settings: Settings, source: str | None, *, token: str | None, deliv
             print(f"headwater send: topic {producer.topic} does not exist (create it with `headwater topics`)", file=err)
             producer.close(0)
             return 1
-        summary = send_lines(stream, producer, teams=teams, default_token=token,
+        summary = send_lines(read_lines(stream), producer, teams=teams, default_token=token,
                              max_message_bytes=settings.max_message_bytes, err=err,
                              close_timeout_s=delivery_timeout_s + 5.0)
     finally:

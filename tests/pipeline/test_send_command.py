@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -20,7 +21,7 @@ from headwater.kafka_admin import ensure_topics
 from headwater.settings import Settings
 from headwater.topics import TopicNames
 from producers.backend import EventsProducer
-from producers.send import BadLine, event_from_line, send_lines
+from producers.send import BadLine, event_from_line, read_lines, send_lines
 from tests.conftest import ROOT, wait_until
 from tests.unit.test_backend_client import MemoryProducer
 
@@ -83,6 +84,15 @@ def test_a_bad_line_says_why(raw: bytes, reason: str):
     with pytest.raises(BadLine) as bad:
         event_from_line(raw, teams=TEAMS, default_token=None, now=NOW, max_message_bytes=1024)
     assert reason in str(bad.value)
+
+
+@pytest.mark.parametrize("data", [b"", b"a", b"a\n", b"a\nb", b"a\n\nb\n", b"x" * 200_000 + b"\ny\n" + b"z" * 70_000],
+                         ids=["empty", "no-newline", "one", "last-unterminated", "blank-inside", "longer-than-a-read"])
+def test_read_lines_splits_at_newlines_across_reads(tmp_path, data: bytes):
+    path = tmp_path / "lines"
+    path.write_bytes(data)
+    with open(path, "rb") as stream:
+        assert list(read_lines(stream)) == data.split(b"\n")[:-1 if data.endswith(b"\n") or not data else None]
 
 
 def test_send_lines_reports_failed_deliveries_with_their_line_numbers():
@@ -202,3 +212,22 @@ def test_send_refuses_an_unknown_default_token_and_a_missing_file(send_env, tmp_
     assert unknown.returncode == 2 and "--token 'phc_nope' is not in HEADWATER_TEAMS" in unknown.stderr.decode()
     missing = headwater_send(send_env, str(tmp_path / "absent.jsonl"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr.decode()
+
+
+@pytest.mark.pipeline
+def test_ctrl_c_stops_reading_sends_what_was_read_and_exits_1(send_env):
+    process = subprocess.Popen([sys.executable, "-m", "headwater.cli", "send", "--token", TOKEN],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **send_env}, cwd=ROOT)
+    try:
+        process.stdin.write(b"".join(line(distinct_id=f"user-{i}", event="typed") + b"\n" for i in range(3)))
+        process.stdin.flush()  # stdin stays open: the command waits for more
+        read_events_raw(send_env, 3)  # it has read and sent the three lines
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, stderr.decode()
+    assert stdout.decode().strip() == "sent 3, failed 0, bad lines 0"
+    assert "interrupted after line 3" in stderr.decode()
