@@ -20,7 +20,7 @@ librdkafka until ``delivery_timeout_s``). The layers, each usable alone:
   ``DeliveryReport`` once Kafka acknowledged it (``DeliveryFailed`` otherwise).
 
 Where callbacks run: each ``send`` serves the reports already in, in the sending thread (as
-``flush`` does); when nothing was sent for 50 ms, a poller thread serves them. So a callback may
+``flush`` does); when nothing was sent for 5 ms, a poller thread serves them. So a callback may
 run in any thread that uses the client, or the poller: keep callbacks short and thread-safe, and
 do not call the client from one. An exception in a callback is logged; reports go on.
 ADR 0010 (``docs/adr/0010-python-clients.md``) gives the reasons.
@@ -249,6 +249,9 @@ class DeliveryFailed(Exception):
 
 ReportCallback = Callable[[DeliveryReport], None]
 
+#: the poller serves delivery reports once nothing was sent for this long (the sender serves them before)
+QUIET_S = 0.005
+
 
 class _ClosedProducer:
     """Stands for the producer of a closed client, whose librdkafka handle is released."""
@@ -374,16 +377,18 @@ class EventsProducer:
             log.debug("headwater client: Kafka: %s", error)
 
     def _serve_reports(self) -> None:
-        """The poller: serves the reports while nobody sends. While the client is sending,
-        ``send`` serves them in the caller's thread; a report served here instead costs a GIL
-        hand-over per message (measured: up to 3x the CPU per event)."""
+        """The poller: serves the reports whenever nobody has sent for ``QUIET_S``, waiting in
+        ``poll`` so that a report is served as soon as it comes. While the client is sending,
+        ``send`` serves them in the caller's thread: a report served here while a thread sends
+        costs a GIL hand-over per message (measured: up to 3x the CPU per event)."""
         if hasattr(signal, "pthread_sigmask"):  # signals are the main thread's (Ctrl-C must interrupt it)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        while not self._stopping.wait(self._poll_interval_s):
-            if time.monotonic() - self._last_send < self._poll_interval_s:
+        while not self._stopping.is_set():
+            if time.monotonic() - self._last_send < QUIET_S:
+                self._stopping.wait(QUIET_S)
                 continue
             try:
-                self._producer.poll(0)
+                self._producer.poll(self._poll_interval_s)
             except Exception:
                 log.exception("headwater client: polling for delivery reports failed")
 
