@@ -27,5 +27,9 @@ test: $(STAMP)  ## the whole test suite (what CI runs)
 test-fast: $(STAMP)  ## unit tests only, no broker or ClickHouse
 	$(BIN)/python -m pytest -m "not pipeline and not docker"
 
+BENCH_ARGS ?=
+bench: $(STAMP)  ## the benchmark, one run on one broker: table + bench/results/latest.json (BENCH_ARGS="--full", "--quick", ...)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .headwater .pytest_cache

@@ -97,7 +97,9 @@ class Stack:
         wait_for_port("127.0.0.1", self.clickhouse_port, 60)
         self.env = {**os.environ, "HEADWATER_KAFKA_BOOTSTRAP": f"127.0.0.1:{self.kafka_port}",
                     "HEADWATER_CLICKHOUSE_URL": f"http://127.0.0.1:{self.clickhouse_port}/{self.database}",
-                    "HEADWATER_TOPIC_PREFIX": "bench_", "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "3000",
+                    "HEADWATER_TOPIC_PREFIX": "bench_",
+                    # the production default: on a busy machine 3 s lost group sessions (ADR 0002: a join takes half of it)
+                    "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "6000",
                     "HEADWATER_DATA_DIR": str(self.work / "data")}
         os.environ.update(self.env)
         return self
@@ -225,6 +227,10 @@ class CpuMeter:
         self.used = {name: now[name] - self.started[name] for name in now}
         return self.used
 
+    def read(self) -> dict[str, float]:
+        """CPU seconds each name has used so far (for samples along a run)."""
+        return self._read()
+
     def per_event_us(self, events: int) -> dict[str, float]:
         return {name: round(1e6 * s / events, 1) for name, s in self.used.items()} if events else {}
 
@@ -243,6 +249,17 @@ def window_rate(stamps_ms: Sequence[int], skip: int) -> tuple[int, float]:
     counted = sum(1 for t in ordered if t > start)
     seconds = (ordered[-1] - start) / 1000
     return (counted, seconds) if seconds > 0 else (0, 0.0)
+
+
+def cpu_in_window(samples: Sequence[dict], counter: str, start: int, end: int, name: str) -> tuple[float, int, float]:
+    """From samples ``{"t": s, <counter>: n, "cpu": {name: s}}`` taken along a run: the CPU seconds
+    ``name`` used, the events ``counter`` advanced and the seconds between the first sample where
+    ``counter`` reached ``start`` and the first where it reached ``end`` (or the last sample)."""
+    first = next((s for s in samples if s[counter] >= start), None)
+    if first is None:
+        return 0.0, 0, 0.0
+    last = next((s for s in samples if s[counter] >= end), samples[-1])
+    return last["cpu"][name] - first["cpu"][name], last[counter] - first[counter], last["t"] - first["t"]
 
 
 def rate(events: int, seconds: float) -> int:

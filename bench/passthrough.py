@@ -126,6 +126,9 @@ def measure_passthrough(phase: Phase, messages: list[tuple[bytes, bytes]], passe
         chosen = next(r for r in runs if r["events_per_s"] == median)
         result[label] = {**chosen, "passes_events_per_s": [r["events_per_s"] for r in runs]}
     result["events_per_s"] = result["plain"]["events_per_s"]
+    # what the loop's own CPU would allow: the rest of B's time is waiting on the broker's fetches
+    bench_us = result["plain"]["cpu_us_per_event"].get("bench")
+    result["cpu_limit_events_per_s"] = round(1e6 / bench_us) if bench_us else None
     result["variant"] = "plain: async commits, no transactions"
     return result
 

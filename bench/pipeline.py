@@ -6,7 +6,9 @@ client ``$session_id`` and ~15 properties, anonymous visitors identifying or ali
 each), ``$set``, backend events naming a company group (no session: server-side sessions),
 ``$groupidentify``), after its warm-up, then starts the worker(s) and the sink. As for P, the
 measured window starts when the warm-up's rows are in: the rows inserted after the warm-up's last
-one, over the time from its insert to the last row's (the ``inserted_at`` the table sets).
+one, over the time from its insert to the last row's (the ``inserted_at`` the table sets). CPU per
+event: the worker's over its own progress (the group's committed offsets), the sink's, ClickHouse's
+and the broker's over the rows, each from the warm-up's end to the last event.
 
     .venv/bin/python -m bench.pipeline [--events 200000] [--identify-share 0.03] [--alias-share 0.005] [--json FILE]
 """
@@ -18,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import CpuMeter, Phase, Stack, produce_all, rate, window_rate
+from bench.common import CpuMeter, GroupProgress, Phase, Stack, cpu_in_window, produce_all, rate, window_rate
 from bench.processors import run_workers
 
 
@@ -31,44 +33,48 @@ def inserted_stamps(client, database: str) -> list[int]:
 
 def measure_end_to_end(phase: Phase, messages: list[tuple[bytes, bytes]], warm: int, workers: int = 1,
                        timeout: float = 300) -> dict:
-    produce_all(phase.settings, phase.topics.events_raw, messages)
+    raw = phase.topics.events_raw
+    ends = produce_all(phase.settings, raw, messages)
+    total = len(messages)
     client = phase.clickhouse()
     count = lambda: client.query(f"SELECT count() FROM {phase.database}.events").result_rows[0][0]  # noqa: E731
+    progress = GroupProgress(phase.settings, f"{phase.settings.topic_prefix}headwater-identity", raw, ends)
     processes = run_workers(phase, workers)
     sink = phase.headwater("sink", "sink")
     meter = CpuMeter({"worker": [p.pid for p in processes], "sink": sink.pid, "clickhouse": phase.stack.clickhouse.pid,
                       "broker": phase.stack.broker.pid})
     launched = time.perf_counter()
     deadline = time.monotonic() + timeout
-    first = window_start = None
-    rows = start_rows = 0
-    while time.monotonic() < deadline:
-        rows = count()
-        now = time.perf_counter()
-        if first is None and rows > 0:
-            first = now
-        if window_start is None and rows >= warm:
-            window_start, start_rows = now, rows
-            meter.start()
-        if rows >= len(messages):
-            break
-        if any(p.poll() is not None for p in (*processes, sink)):
-            raise RuntimeError("a worker or the sink exited; see its log in the work folder")
-        time.sleep(0.25)
-    end = time.perf_counter()
-    if window_start is None:
-        window_start, start_rows = end, rows
-        meter.start()
-    meter.stop()
-    counted, seconds = window_rate(inserted_stamps(client, phase.database), warm)
-    total, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {phase.database}.events").result_rows[0]
+    samples: list[dict] = []
+    try:
+        while time.monotonic() < deadline:
+            samples.append({"t": time.perf_counter(), "rows": count(), "done": progress.read(), "cpu": meter.read()})
+            if samples[-1]["rows"] >= total:
+                break
+            if any(p.poll() is not None for p in (*processes, sink)):
+                raise RuntimeError("a worker or the sink exited; see its log in the work folder")
+            time.sleep(0.25)
+    finally:
+        progress.close()
+    stamps = inserted_stamps(client, phase.database)
+    counted, seconds = window_rate(stamps, warm)
+    inserts = len(set(stamps))
+    rows, unique = client.query(f"SELECT count(), uniqExact(uuid) FROM {phase.database}.events").result_rows[0]
     client.close()
-    window_rows = rows - start_rows
+    # CPU per event: the worker's over its own progress (committed input offsets), the others' over
+    # the rows, each from the warm-up's end to the last event (the worker runs ahead of the sink)
+    cpu, cores = {}, {}
+    for name in meter.pids:
+        used, events, elapsed = cpu_in_window(samples, "done" if name == "worker" else "rows", warm, total, name)
+        cpu[name] = round(1e6 * used / events, 1) if events else None
+        cores[name] = round(used / elapsed, 2) if elapsed else None
+    first_row = next((s["t"] for s in samples if s["rows"] > 0), None)
     return {
         "events_per_s": rate(counted, seconds), "events": counted, "seconds": round(seconds, 2), "workers": workers,
-        "rows": total, "expected_rows": len(messages), "duplicates": total - unique, "complete": total >= len(messages),
-        "startup_s": round(first - launched, 2) if first else None,
-        "cpu_us_per_event": meter.per_event_us(window_rows), "cpu_cores": meter.cores(end - window_start),
+        "rows": rows, "expected_rows": total, "duplicates": rows - unique, "complete": rows >= total,
+        "event_inserts": inserts, "rows_per_insert": round(rows / inserts) if inserts else None,
+        "startup_s": round(first_row - launched, 2) if first_row else None,
+        "cpu_us_per_event": cpu, "cpu_cores": cores,
     }
 
 

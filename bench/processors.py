@@ -12,19 +12,50 @@ the events that came out after the warm-up's last one, over the time from it to 
 CPU: of the worker(s) and the broker while the group's committed offsets went from the warm-up's
 end to the input's end.
 
-    .venv/bin/python -m bench.processors [--events 200000] [--identify-share 0.03] [--alias-share 0.005] [--workers 1]
+With ``--profile`` the worker runs under cProfile, and the functions where its time goes are listed
+(the rate is then slower than P and is not reported as P).
+
+    .venv/bin/python -m bench.processors [--events 200000] [--identify-share 0.03] [--alias-share 0.005] [--workers 1] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from bench.common import CpuMeter, GroupProgress, Phase, Stack, produce_all, rate, read_topic, window_rate
 
 
-def run_workers(phase: Phase, workers: int) -> list:
-    return [phase.headwater(f"identity-{i}", "worker", "identity", "--worker-id", str(i)) for i in range(workers)]
+def run_workers(phase: Phase, workers: int, profile: bool = False) -> list:
+    """``headwater worker identity`` processes; with ``profile`` under cProfile, each writing
+    ``<work>/<phase>-identity-<i>.prof`` when it stops."""
+    if not profile:
+        return [phase.headwater(f"identity-{i}", "worker", "identity", "--worker-id", str(i)) for i in range(workers)]
+    import sys
+
+    processes = [phase.stack.child([sys.executable, "-m", "cProfile", "-o", str(profile_path(phase, i)), "-m",
+                                    "headwater.cli", "worker", "identity", "--worker-id", str(i)],
+                                   f"{phase.name}-identity-{i}", phase.env) for i in range(workers)]
+    phase.processes.extend(processes)
+    return processes
+
+
+def profile_path(phase: Phase, worker: int):
+    return phase.stack.work / f"{phase.name}-identity-{worker}.prof"
+
+
+def profile_top(path, limit: int = 20) -> list[dict]:
+    """The functions where the profiled worker spent its time: self time and cumulative time, as
+    shares of the whole profile."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    total = stats.total_tt or 1.0
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:limit]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": calls, "self_share": round(tt / total, 3),
+             "cumulative_share": round(ct / total, 3)}
+            for (file, line, name), (_, calls, tt, ct, _) in rows]
 
 
 def follow_progress(progress: GroupProgress, warm: int, meter: CpuMeter, processes: list, timeout: float) -> dict:
@@ -60,11 +91,13 @@ def follow_progress(progress: GroupProgress, warm: int, meter: CpuMeter, process
 
 
 def measure_processors(phase: Phase, messages: list[tuple[bytes, bytes]], warm: int, workers: int = 1,
-                       timeout: float = 300) -> dict:
+                       timeout: float = 300, profile: bool = False) -> dict:
+    """P over ``messages`` (the first ``warm`` of them the warm-up). With ``profile`` the workers run
+    under cProfile (slower: the rate is then not P) and ``profile_top`` lists worker 0's functions."""
     raw = phase.topics.events_raw
     ends = produce_all(phase.settings, raw, messages)
     progress = GroupProgress(phase.settings, f"{phase.settings.topic_prefix}headwater-identity", raw, ends)
-    processes = run_workers(phase, workers)
+    processes = run_workers(phase, workers, profile)
     meter = CpuMeter({"worker": [p.pid for p in processes], "broker": phase.stack.broker.pid})
     try:
         inputs = follow_progress(progress, warm, meter, processes, timeout)
@@ -72,12 +105,18 @@ def measure_processors(phase: Phase, messages: list[tuple[bytes, bytes]], warm: 
         progress.close()
     stamps = read_topic(phase.settings, phase.topics.events_enriched, len(messages), timeout=60 if inputs["complete"] else 5)
     counted, seconds = window_rate(stamps, warm)
+    profiled = {}
+    if profile:
+        for process in processes:
+            phase.stack.stop(process, timeout=60)  # cProfile writes its file as the worker exits
+        profiled = {"profiled": True, "profile_top": profile_top(profile_path(phase, 0)),
+                    "profile_file": str(profile_path(phase, 0))}
     return {
         "events_per_s": rate(counted, seconds), "events": counted, "seconds": round(seconds, 2),
         "workers": workers, "output_events": len(stamps), "expected_events": len(messages),
         "complete": inputs["complete"] and len(stamps) >= len(messages),
         "cpu_us_per_event": meter.per_event_us(inputs["window_events"]), "cpu_cores": meter.cores(inputs["window_s"]),
-        **inputs,
+        **inputs, **profiled,
     }
 
 
@@ -90,11 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alias-share", type=float, default=0.005)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--profile", action="store_true", help="run the worker under cProfile and list where its time goes")
     args = parser.parse_args(argv)
     messages, warm, _ = mix.messages(args.events, mix.Shares(identify=args.identify_share, alias=args.alias_share))
     with Stack("processors") as stack:
         phase = stack.phase("p")
-        figures = measure_processors(phase, messages, warm, args.workers, args.timeout)
+        figures = measure_processors(phase, messages, warm, args.workers, args.timeout, args.profile)
         phase.close()
         print(f"logs: {stack.work}")
     print(figures)
