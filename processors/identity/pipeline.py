@@ -82,6 +82,22 @@ def merger_key(team: int) -> str:
     return f"m:{team}"
 
 
+def flight_key(team: int, mid: str) -> str:
+    """A merge the team's merger has received and not finished: its dids, event and answers."""
+    return f"mf:{team}:{mid}"
+
+
+def did_lock_key(team: int, did: str) -> str:
+    """At the merger: the merge in flight that holds distinct id ``did``."""
+    return f"ml:{team}:{did}"
+
+
+def root_lock_key(team: int, root: str) -> str:
+    """At the merger: the merge holding the person ``root`` (``m``), merges waiting for it
+    (``w``), and how many merge commands changed it (``c``)."""
+    return f"mr:{team}:{root}"
+
+
 def group_types_key(team: int) -> str:
     return f"gt:{team}"
 
@@ -318,9 +334,11 @@ class _PartitionRun:
             rec["h"] = holds + [mid]
         self.state.put(key, rec)
         if rec.get("r") is None:
-            self.to_merger(team, {"k": "resolved", "t": team, "mid": mid, "did": did, "info": {"pl": bool(rec.get("pl"))}})
+            self.to_merger(team, {"k": "resolved", "t": team, "mid": mid, "did": did, "a": msg.get("a"),
+                                  "info": {"pl": bool(rec.get("pl"))}})
         else:
-            self.to_person(team, rec["r"], {"k": "resolve_p", "t": team, "mid": mid, "did": did, "root": rec["r"]})
+            self.to_person(team, rec["r"], {"k": "resolve_p", "t": team, "mid": mid, "did": did, "root": rec["r"],
+                                            "a": msg.get("a")})
 
     def _on_release(self, msg: dict[str, Any]) -> None:
         team, did = msg["t"], msg["did"]
@@ -418,8 +436,9 @@ class _PartitionRun:
         person = self._live_person(msg)
         if person is None:
             return
-        info = {"root": msg["root"], "ident": person["ident"]}
-        self.to_merger(msg["t"], {"k": "resolved", "t": msg["t"], "mid": msg["mid"], "did": msg["did"], "info": info})
+        info = {"root": msg["root"], "ident": person["ident"], "se": person.get("se", 0)}
+        self.to_merger(msg["t"], {"k": "resolved", "t": msg["t"], "mid": msg["mid"], "did": msg["did"],
+                                  "a": msg.get("a"), "info": info})
 
     def _done(self, msg: dict[str, Any], root: str | None) -> None:
         self.to_merger(msg["t"], {"k": "done", "t": msg["t"], "mid": msg["mid"], "root": root})
@@ -446,6 +465,7 @@ class _PartitionRun:
             return
         changes = Changes()
         person = persons.add_distinct_id(person, msg["did"], msg["version"], changes)
+        person["se"] = person.get("se", 0) + 1  # a merge changed it (the merger counts it too)
         self._update_and_emit(msg, person, changes, mark_identified=True, changed=True)
         self._done(msg, msg["root"])
 
@@ -454,7 +474,8 @@ class _PartitionRun:
         person = self._live_person(msg)
         if person is None:
             return
-        self._update_and_emit(msg, person, Changes(), mark_identified=True)
+        person["se"] = person.get("se", 0) + 1  # a merge changed it (the merger counts it too)
+        self._update_and_emit(msg, person, Changes(), mark_identified=True, changed=True)
         self._done(msg, msg["root"])
 
     def _on_give(self, msg: dict[str, Any]) -> None:
@@ -474,6 +495,7 @@ class _PartitionRun:
         team, ev = msg["t"], msg["ev"]
         changes = Changes()
         merged = persons.merge(target, msg["source"], ev, changes)
+        merged["se"] = target.get("se", 0) + 1  # a merge changed it (the merger counts it too)
         self.state.put(person_key(team, msg["root"]), merged)
         self.publish(team, changes, ev)
         self.counts["merges"] += 1
@@ -524,46 +546,88 @@ class _PartitionRun:
         return [index, key, group["v"], properties, group["created"]]
 
     # -- at the team's merger -------------------------------------------------------------------
+    # Merges of one team run concurrently when they share nothing (ADR 0001, "Concurrent merges"):
+    # a merge locks its two distinct ids when it starts (``ml:``) and, once both are resolved, the
+    # persons they resolved to (``mr:``). A merge whose did is locked waits in the team's queue
+    # (``m:``, in arrival order); one whose person is locked waits on that lock and resolves again
+    # when it is freed. ``mr:`` also counts the merge commands applied to the person (``c``), as the
+    # person does itself (``se``): an answer whose ``se`` is below the count was read before another
+    # merge changed the person, so the merge resolves again instead of deciding on stale facts.
     def _on_merge(self, msg: dict[str, Any]) -> None:
-        key = merger_key(msg["t"])
+        team, mid = msg["t"], msg["mid"]
+        self.state.put(flight_key(team, mid), {"mid": mid, "into": msg["into"], "other": msg["other"],
+                                               "ev": msg["ev"], "info": {}, "a": 0})
+        key = merger_key(team)
         merger = self.state.get(key) or {}
-        if merger.get("cur"):
-            merger.setdefault("q", []).append(msg)
-            self.state.put(key, merger)
+        queue = merger.get("q", [])
+        dids = {msg["into"], msg["other"]}
+        if any(dids & {into, other} for _, into, other in queue) or not self._lock_dids(team, mid, dids):
+            queue.append([mid, msg["into"], msg["other"]])
+            self.state.put(key, {**merger, "q": queue})
             return
-        self._start(msg["t"], merger, msg)
+        self._resolve(team, self.state.get(flight_key(team, mid)))
 
-    def _start(self, team: int, merger: dict[str, Any], msg: dict[str, Any]) -> None:
-        merger["cur"] = {"mid": msg["mid"], "into": msg["into"], "other": msg["other"], "ev": msg["ev"], "info": {}}
-        self.state.put(merger_key(team), merger)
-        for did in (msg["into"], msg["other"]):
-            self.to_did(team, did, {"k": "resolve", "t": team, "mid": msg["mid"], "did": did})
+    def _lock_dids(self, team: int, mid: str, dids: set[str]) -> bool:
+        if any(self.state.get(did_lock_key(team, did)) is not None for did in dids):
+            return False
+        for did in dids:
+            self.state.put(did_lock_key(team, did), mid)
+        return True
+
+    def _resolve(self, team: int, flight: dict[str, Any]) -> None:
+        """(Again) ask both dids' homes, and through them their persons, for the facts."""
+        flight["a"] += 1
+        flight["info"] = {}
+        self.state.put(flight_key(team, flight["mid"]), flight)
+        for did in (flight["into"], flight["other"]):
+            self.to_did(team, did, {"k": "resolve", "t": team, "mid": flight["mid"], "did": did, "a": flight["a"]})
 
     def _on_resolved(self, msg: dict[str, Any]) -> None:
-        team = msg["t"]
-        merger = self.state.get(merger_key(team)) or {}
-        cur = merger.get("cur")
-        if not cur or cur["mid"] != msg["mid"]:
-            raise LookupError(f"resolved for {msg['mid']!r}, but the merge in flight is {cur and cur['mid']!r}")
-        cur["info"][msg["did"]] = msg["info"]
-        if len(cur["info"]) == 2:
-            self._decide(team, cur)
-        self.state.put(merger_key(team), merger)
+        team, mid = msg["t"], msg["mid"]
+        flight = self.state.get(flight_key(team, mid))
+        if flight is None:
+            raise LookupError(f"resolved for {mid!r}, which is not a merge in flight")
+        if msg.get("a", flight["a"]) != flight["a"]:
+            return  # an answer to an earlier round
+        flight["info"][msg["did"]] = msg["info"]
+        if len(flight["info"]) < 2:
+            self.state.put(flight_key(team, mid), flight)
+            return
+        roots = sorted({info["root"] for info in flight["info"].values() if "root" in info})
+        locks = {root: self.state.get(root_lock_key(team, root)) or {"c": 0} for root in roots}
+        for root, lock in locks.items():
+            if lock.get("m") not in (None, mid):  # another merge holds the person: wait for it
+                lock.setdefault("w", []).append(mid)
+                self.state.put(root_lock_key(team, root), lock)
+                self.state.put(flight_key(team, mid), flight)
+                return
+        if any(info.get("se", 0) < locks[info["root"]]["c"] for info in flight["info"].values() if "root" in info):
+            self._resolve(team, flight)  # read before another merge changed the person: ask again
+            return
+        for root, lock in locks.items():
+            self.state.put(root_lock_key(team, root), {**lock, "m": mid})
+        flight["roots"] = roots
+        self._decide(team, flight)
+        self.state.put(flight_key(team, mid), flight)
 
     def _decide(self, team: int, cur: dict[str, Any]) -> None:
-        """§1.2 / §1.3 ``mergeDistinctIds``, from the facts the dids' homes and persons sent."""
+        """§1.2 / §1.3 ``mergeDistinctIds``, from the facts the dids' homes and persons sent. Sets
+        ``cur["changed"]``: the persons whose structure the command changes (their ``c`` grows)."""
         into, other, ev, mid = cur["into"], cur["other"], cur["ev"], cur["mid"]
         a, b = cur["info"][into], cur["info"][other]
         base = {"t": team, "mid": mid, "ev": ev}
         if ("root" in a) != ("root" in b):
             existing, to_add, added = (a, other, b) if "root" in a else (b, into, a)
             cur["pl"] = [to_add]  # addPersonlessDistinctIdForMerge
+            cur["changed"] = [existing["root"]]
             self.to_person(team, existing["root"], {**base, "k": "add", "root": existing["root"], "did": to_add,
                                                     "version": 1 if added["pl"] else 0})
         elif "root" in a:
+            cur["changed"] = [a["root"]]
             if a["root"] == b["root"]:
                 self.to_person(team, a["root"], {**base, "k": "identify", "root": a["root"]})
             elif ev["e"] == "$merge_dangerously" or not b["ident"]:
+                cur["changed"] = [a["root"], b["root"]]
                 self.to_person(team, b["root"], {**base, "k": "give", "root": b["root"], "target": a["root"]})
             else:
                 cur["refused"] = True
@@ -580,24 +644,52 @@ class _PartitionRun:
             self.to_did(team, first, {**base, "k": "create", "ids": [[first, 0], [second, second_version]]})
 
     def _on_done(self, msg: dict[str, Any]) -> None:
-        team = msg["t"]
-        key = merger_key(team)
-        merger = self.state.get(key) or {}
-        cur = merger.get("cur")
-        if not cur or cur["mid"] != msg["mid"]:
-            raise LookupError(f"done for {msg['mid']!r}, but the merge in flight is {cur and cur['mid']!r}")
+        team, mid = msg["t"], msg["mid"]
+        cur = self.state.get(flight_key(team, mid))
+        if cur is None:
+            raise LookupError(f"done for {mid!r}, which is not a merge in flight")
+        self.state.delete(flight_key(team, mid))
         root = msg["root"]
         personless = set(cur.get("pl", [])) if root is not None else set()
         # a refused merge leaves `other` on its own person; every other outcome puts both on `root`
         other_root = None if cur.get("refused") else root
         for did, new_root in ((cur["into"], root), (cur["other"], other_root)):
-            self.to_did(team, did, {"k": "release", "t": team, "mid": cur["mid"], "did": did, "root": new_root,
+            self.to_did(team, did, {"k": "release", "t": team, "mid": mid, "did": did, "root": new_root,
                                     "pl": did in personless})
-        merger["cur"] = None
+        changed = set(cur.get("changed", []))
+        waiting: list[str] = []
+        for person_root in cur.get("roots", []):
+            lock = self.state.get(root_lock_key(team, person_root)) or {"c": 0}
+            waiting += lock.get("w", [])
+            count = lock["c"] + (person_root in changed)
+            if count:
+                self.state.put(root_lock_key(team, person_root), {"c": count})
+            else:
+                self.state.delete(root_lock_key(team, person_root))
+        for did in (cur["into"], cur["other"]):
+            self.state.delete(did_lock_key(team, did))
+        for waiter in waiting:  # their answers may be stale now: they ask again
+            self._resolve(team, self.state.get(flight_key(team, waiter)))
+        self._start_queued(team)
+
+    def _start_queued(self, team: int) -> None:
+        """Start every queued merge whose dids are free, keeping each did's merges in arrival order."""
+        key = merger_key(team)
+        merger = self.state.get(key) or {}
         queue = merger.get("q", [])
-        if queue:
-            merger["q"] = queue[1:]
-            self._start(team, merger, queue[0])
-        else:
-            merger.pop("q", None)
-            self.state.put(key, merger)
+        if not queue:
+            return
+        kept, blocked = [], set()
+        for entry in queue:
+            mid, into, other = entry
+            dids = {into, other}
+            if dids & blocked or not self._lock_dids(team, mid, dids):
+                blocked |= dids
+                kept.append(entry)
+            else:
+                self._resolve(team, self.state.get(flight_key(team, mid)))
+        if len(kept) != len(queue):
+            if kept:
+                self.state.put(key, {**merger, "q": kept})
+            else:
+                self.state.delete(key)
