@@ -330,9 +330,10 @@ class GroupProgress:
         self.consumer.close()
 
 
-def read_topic(settings, topic: str, expected: int, timeout: float, idle: float = 5.0) -> list[int]:
+def read_topic(settings, topic: str, expected: int, timeout: float, idle: float = 5.0,
+               pick: Callable[[Any], Any] | None = None) -> list:
     """Read a whole topic (read_committed, no group) until ``expected`` messages or ``idle`` seconds
-    without any, or ``timeout``; return the messages' timestamps in ms."""
+    without any, or ``timeout``; return each message's timestamp in ms, or ``pick(message)``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     consumer = Consumer(settings.kafka_config(**{
@@ -340,18 +341,18 @@ def read_topic(settings, topic: str, expected: int, timeout: float, idle: float 
         "isolation.level": "read_committed", "enable.partition.eof": False}))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    stamps: list[int] = []
+    found: list = []
     deadline = time.monotonic() + timeout
     last_seen = time.monotonic()
     try:
-        while len(stamps) < expected and time.monotonic() < deadline and time.monotonic() - last_seen < idle:
+        while len(found) < expected and time.monotonic() < deadline and time.monotonic() - last_seen < idle:
             for m in consumer.consume(10_000, 0.5):
                 if m.error() is None:
-                    stamps.append(m.timestamp()[1])
+                    found.append(m.timestamp()[1] if pick is None else pick(m))
                     last_seen = time.monotonic()
     finally:
         consumer.close()
-    return stamps
+    return found
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:

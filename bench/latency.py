@@ -12,6 +12,11 @@ first time it saw each. An event's latency is that first sighting minus its send
 bound, by at most the poll interval and the query's time. ``insert_ms`` is ``inserted_at`` minus
 the send time: a lower bound (the insert's start, before it is visible).
 
+Where the time goes (``stages_ms``, p50 and p99 of each hop, per event, matched by uuid): ``capture``
+(sent → its ``events_raw`` message's timestamp), ``processors`` (→ its ``events_enriched``
+message's timestamp, set when the worker produced it), ``sink`` (→ ``inserted_at``) and
+``visible`` (→ first seen by the poller).
+
     .venv/bin/python -m bench.latency [--rate 5000] [--seconds 30]
 """
 
@@ -24,7 +29,7 @@ import time
 
 import orjson
 
-from bench.common import TOKEN, Phase, Stack, free_port, percentile, wait_until
+from bench.common import TOKEN, Phase, Stack, free_port, percentile, read_topic, wait_until
 from bench.processors import run_workers
 
 TICK_S = 0.02
@@ -133,14 +138,41 @@ def measure_latency(phase: Phase, rate: float, seconds: float, events: list[dict
     expected = len(warmup) + sending["sent"]
     complete = bool(wait_until(lambda: count() >= expected, timeout, 0.25))
     poller.stop()
-    rows = client.query(f"SELECT toUnixTimestamp64Micro(inserted_at), JSONExtractInt(properties, 'bench_sent_us') "
+    rows = client.query(f"SELECT toString(uuid), toUnixTimestamp64Micro(inserted_at), "
+                        f"JSONExtractInt(properties, 'bench_sent_us') "
                         f"FROM {phase.database}.events WHERE JSONHas(properties, 'bench_sent_us')").result_rows
     client.close()
-    visible = [poller.seen[t] - sent for t, sent in rows if t in poller.seen]
-    inserted = [t - sent for t, sent in rows]
+    visible = [poller.seen[t] - sent for _, t, sent in rows if t in poller.seen]
+    inserted = [t - sent for _, t, sent in rows]
     return {"rate": round(rate), **sending, "rows": len(rows), "complete": complete and len(rows) >= sending["sent"],
             "poll_ms": POLL_S * 1000, "tick_ms": TICK_S * 1000, "inserts": len(poller.seen),
-            "queryable_ms": summary_ms(visible), "insert_ms": summary_ms(inserted)}
+            "queryable_ms": summary_ms(visible), "insert_ms": summary_ms(inserted),
+            "stages_ms": stages(phase, rows, poller.seen, len(warmup) + sending["sent"])}
+
+
+def _uuid_and_time(message) -> tuple[str, int]:
+    return orjson.loads(message.value())["uuid"], message.timestamp()[1] * 1000
+
+
+def stages(phase: Phase, rows: list[tuple[str, int, int]], seen: dict[int, int], expected: int) -> dict:
+    """p50/p99 of each hop of the measured events: sent → events_raw → events_enriched → inserted → seen."""
+    raw = dict(read_topic(phase.settings, phase.topics.events_raw, expected, 60, pick=_uuid_and_time))
+    enriched = dict(read_topic(phase.settings, phase.topics.events_enriched, expected, 60, pick=_uuid_and_time))
+    return stage_split(rows, raw, enriched, seen)
+
+
+def stage_split(rows: list[tuple[str, int, int]], raw: dict[str, int], enriched: dict[str, int],
+                seen: dict[int, int]) -> dict:
+    """The hops of each event found everywhere (times in µs): {hop: {"p50", "p99"}} in ms."""
+    hops: dict[str, list[int]] = {"capture": [], "processors": [], "sink": [], "visible": []}
+    for uuid, inserted, sent in rows:
+        if uuid in raw and uuid in enriched and inserted in seen:
+            hops["capture"].append(raw[uuid] - sent)
+            hops["processors"].append(enriched[uuid] - raw[uuid])
+            hops["sink"].append(inserted - enriched[uuid])
+            hops["visible"].append(seen[inserted] - inserted)
+    return {hop: {q: round(percentile(values, int(q[1:])) / 1000, 1) for q in ("p50", "p99")} if values else {}
+            for hop, values in hops.items()}
 
 
 def mix_events(n: int, shares, seed: int) -> tuple[list[dict], list[dict]]:

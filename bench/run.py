@@ -28,7 +28,8 @@ JSON (``--json``, default ``bench/results/latest.json``)::
      "passthrough": {"events_per_s", "variant", "plain": {...}, "transactional": {...}},
      "processors":  {"events_per_s", "p_over_b", "p_over_b_tx", "cpu_us_per_event": {...}, ...},
      "end_to_end":  {"events_per_s", "cpu_us_per_event": {...}, ...},
-     "latency":     {"rate", "queryable_ms": {"p50", "p95", "p99", "max"}, "insert_ms": {...}, ...},
+     "latency":     {"rate", "queryable_ms": {"p50", "p95", "p99", "max"}, "insert_ms": {...},
+                     "stages_ms": {"capture"|"processors"|"sink"|"visible": {"p50", "p99"}}, ...},
      "memory":      {"distinct_ids", "bytes_per_id", "marginal_bytes_per_id", "rocksdb_mb", ...},
      "capture":     {"events_per_s", "cpu_us_per_event": {...}, ...},
      "sink":        {"rows_per_s", "cpu_us_per_row": {...}, ...},
@@ -132,6 +133,13 @@ def _mark(results: dict, name: str) -> str:
     return "" if check is None else (" ✓" if check["met"] else " ✗")
 
 
+def _hops(stages: dict) -> str:
+    found = [(hop, q) for hop, q in stages.items() if q]
+    if not found:
+        return ""
+    return ("hops p50/p99 ms: " + ", ".join(f"{hop} {q['p50']:,.0f}/{q['p99']:,.0f}" for hop, q in found) + "; ")
+
+
 def _partial(figures: dict) -> str:
     return " (incomplete: timed out)" if figures.get("complete") is False else ""
 
@@ -170,7 +178,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                          f"p99 {_n(q['p99'], ' ms')}{_mark(results, 'latency_p99_ms')}",
                          "p50 ≤ 1 s, p99 ≤ 3 s", "",
                          f"capture → queryable (poll {f['poll_ms']:g} ms); to insert p50 {_n(i['p50'])} p99 {_n(i['p99'])} ms; "
-                         f"sent {f['sent_per_s']:,}/s{_partial(f)}"))
+                         + _hops(f.get("stages_ms") or {}) + f"sent {f['sent_per_s']:,}/s{_partial(f)}"))
         elif section == "memory":
             rows.append((f"memory at {f['distinct_ids']:,} ids",
                          f"{_n(f['bytes_per_id'])} B/id" + _mark(results, "memory_bytes_per_id"), "≤ 200 B/id at 1M",

@@ -12,6 +12,7 @@ import pytest
 
 from bench import mix
 from bench.common import TOKEN, cpu_in_window, percentile, window_rate
+from bench.latency import stage_split
 from bench.run import PHASES, SECTIONS, add_ratios, parse_args, table_rows, targets
 from headwater.wire import RawEvent
 
@@ -53,6 +54,20 @@ def test_cpu_in_window_takes_the_samples_where_the_counter_crosses_start_and_end
     assert cpu_in_window(samples, "rows", 100, 300, "sink") == (2.0, 200, 2)
     assert cpu_in_window(samples, "rows", 100, 999, "sink") == pytest.approx((2.2, 200, 3))  # never reached: last sample
     assert cpu_in_window(samples, "rows", 999, 1000, "sink") == (0.0, 0, 0.0)
+
+
+def test_stage_split_gives_each_hop_of_the_events_found_everywhere():
+    ms = 1000  # µs
+    rows = [("a", 1000 * ms, 0), ("b", 1000 * ms, 100 * ms), ("lost", 2000 * ms, 0)]
+    raw = {"a": 2 * ms, "b": 110 * ms, "lost": 5 * ms}
+    enriched = {"a": 300 * ms, "b": 400 * ms}  # "lost" never came out of the processors
+    seen = {1000 * ms: 1100 * ms, 2000 * ms: 2050 * ms}
+    split = stage_split(rows, raw, enriched, seen)
+    assert split["capture"] == {"p50": 6.0, "p99": 9.9}
+    assert split["processors"] == {"p50": 294.0, "p99": 297.9}
+    assert split["sink"] == {"p50": 650.0, "p99": 699.0}
+    assert split["visible"] == {"p50": 100.0, "p99": 100.0}
+    assert stage_split([], {}, {}, {}) == {"capture": {}, "processors": {}, "sink": {}, "visible": {}}
 
 
 # -- the mix -------------------------------------------------------------------------------------
@@ -124,7 +139,9 @@ def results_of_a_run() -> dict:
         "end_to_end": {"events_per_s": 21_000, "rows": 1000, "duplicates": 0, "cpu_us_per_event": {"sink": 10.0}, "complete": True},
         "latency": {"rate": 10_500, "queryable_ms": {"p50": 900.0, "p95": 2000.0, "p99": 3100.0, "max": 4000.0},
                     "insert_ms": {"p50": 800.0, "p95": 1900.0, "p99": 3000.0, "max": 3900.0}, "poll_ms": 100.0,
-                    "sent_per_s": 10_500, "complete": True},
+                    "sent_per_s": 10_500, "complete": True,
+                    "stages_ms": {"capture": {"p50": 1.0, "p99": 10.0}, "processors": {"p50": 300.0, "p99": 900.0},
+                                  "sink": {"p50": 500.0, "p99": 1900.0}, "visible": {"p50": 80.0, "p99": 150.0}}},
         "memory": {"distinct_ids": 1_000_000, "bytes_per_id": 150, "marginal_bytes_per_id": 120, "rss_start_mb": 80,
                    "rss_end_mb": 230, "rocksdb_mb": 700, "complete": True},
         "capture": {"events_per_s": 70_000, "connections": 8, "batch": 100, "errors": 0, "cpu_us_per_event": {"capture": 12.0}},
@@ -158,6 +175,7 @@ def test_the_table_has_a_row_per_phase_run_and_the_report_is_json():
     assert [row[0] for row in table_rows(results)][2] == "P under cProfile"
     assert rows[-1][1] == "failed"
     assert "P/B 0.40 ✓" in rows[1][1]
+    assert "processors 300/900" in rows[3][4]
     assert json.loads(json.dumps(results)) == results
     assert set(PHASES) <= set(SECTIONS)
 
