@@ -35,8 +35,8 @@ class PartitionState:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._store = Rdict(str(path), options=Options(raw_mode=True))
         self._path = path
-        self._writes: dict[bytes, Any] = {}
-        self._undo: list[tuple[bytes, bool, Any]] = []
+        self._writes: dict[bytes, bytes | None] = {}  # the batch's writes, encoded (None: deleted)
+        self._undo: list[tuple[bytes, bool, bytes | None]] = []
 
     def __len__(self) -> int:
         return len(self._store) if isinstance(self._store, dict) else sum(1 for _ in self._store.keys())
@@ -48,14 +48,11 @@ class PartitionState:
 
     def get(self, key: str) -> Any:
         k = key.encode()
-        if k in self._writes:
-            value = self._writes[k]
-            return None if value is None else orjson.loads(orjson.dumps(value))
-        raw = self._store.get(k)
+        raw = self._writes[k] if k in self._writes else self._store.get(k)
         return None if raw is None else orjson.loads(raw)
 
     def put(self, key: str, value: Any) -> None:
-        self._write(key.encode(), value)
+        self._write(key.encode(), orjson.dumps(value))  # encoded once: read back fresh, logged as is
 
     def delete(self, key: str) -> None:
         self._write(key.encode(), None)
@@ -78,7 +75,7 @@ class PartitionState:
 
     def pending(self) -> list[tuple[bytes, bytes | None]]:
         """The batch's writes, encoded, in key-first-written order (the changelog records)."""
-        return [(k, None if v is None else orjson.dumps(v)) for k, v in self._writes.items()]
+        return list(self._writes.items())
 
     def commit(self, encoded: list[tuple[bytes, bytes | None]]) -> None:
         for key, value in encoded:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
+import orjson
+
 NAMESPACE = uuid.UUID("932979b4-65c3-4424-8467-0b66ec27bc22")
 UTC = timezone.utc
 #: §1.8: ``created_at`` of the fake person of a personless event.
@@ -119,6 +121,8 @@ def js_string(value: Any) -> str:
 def js_differs(old: Any, new: Any) -> bool:
     """JS ``old !== new`` for JSON values (§1.5): objects and arrays always differ (reference
     inequality); booleans are not numbers; ``1 === 1.0``; ``NaN !== NaN``."""
+    if type(old) is str and type(new) is str:  # the common case, first
+        return old != new
     if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
         return True
     if isinstance(old, bool) or isinstance(new, bool):
@@ -165,7 +169,10 @@ def js_loose_equals(old: Any, new: Any) -> bool:
 
 def properties_size(properties: dict) -> int:
     """Bytes of the compact UTF-8 JSON serialization, standing in for Postgres' JSONB size."""
-    return len(json.dumps(properties, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+    try:
+        return len(orjson.dumps(properties, default=str, option=orjson.OPT_NON_STR_KEYS))
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits: the slow way
+        return len(json.dumps(properties, ensure_ascii=False, separators=(",", ":"), default=str).encode())
 
 
 def iso_timestamp(ts: datetime) -> str:

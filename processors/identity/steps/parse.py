@@ -16,6 +16,7 @@ address capture saw) when the event has no truthy ``$ip`` of its own, ``$sent_at
 
 from __future__ import annotations
 
+import re
 import uuid as uuid_mod
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from headwater.outcomes import DeadLetter, Drop, Ok, Warn
 from headwater.wire import MAX_DISTINCT_ID_CHARS, MAX_EVENT_NAME_CHARS, MESSAGE_NAMESPACE
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(slots=True)
@@ -91,6 +93,8 @@ def parse_raw_event(
     raw_uuid = doc.get("uuid")
     if raw_uuid is None or raw_uuid == "":
         event_uuid = str(uuid_mod.uuid5(MESSAGE_NAMESPACE, f"{topic}:{partition}:{offset}"))
+    elif isinstance(raw_uuid, str) and _CANONICAL_UUID.fullmatch(raw_uuid):
+        event_uuid = raw_uuid  # already as str(UUID(...)) writes it
     else:
         try:
             event_uuid = str(uuid_mod.UUID(raw_uuid))
