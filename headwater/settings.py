@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     sink_batch_ms: int = Field(default=1000, ge=1)
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
 
+    # Observability (docs/adr/0012-observability.md) -----------------------------------------------
+    metrics_addr: str | None = Field(
+        default=None,
+        description="host:port of the Prometheus /metrics endpoint of each worker, sink and capture process; "
+        "unset: no endpoint. Port 0: an ephemeral port. A taken port: the next free one (up to 63 above), "
+        "so that the processes of one machine can share the setting. Each process logs its address.",
+    )
+
     @field_validator("teams")
     @classmethod
     def _teams_parse(cls, value: str) -> str:
@@ -133,6 +141,15 @@ class Settings(BaseSettings):
     def _team_ids(cls, value: str) -> str:
         if not all(t.strip().isdigit() for t in value.split(",") if t.strip()):
             raise ValueError(f"{value!r} is not a comma-separated list of team ids")
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"{value!r} is not host:port (port 0..65535; ':9100' listens on every address)")
         return value
 
     @field_validator("clickhouse_database")
@@ -186,6 +203,14 @@ class Settings(BaseSettings):
     def capture_host_port(self) -> tuple[str, int]:
         host, _, port = self.capture_addr.rpartition(":")
         return host or EMBEDDED_HOST, int(port)
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens; None: no endpoint. An empty host is every address."""
+        if self.metrics_addr is None:
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
 
     def kafka_config(self, **overrides: Any) -> dict[str, Any]:
         """librdkafka settings common to every client: bootstrap, security, extras, then overrides."""
