@@ -26,6 +26,7 @@ from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from headwater import metrics
 from headwater.settings import Settings
 
 from .outputs import Record
@@ -87,6 +88,7 @@ class StageRunner:
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # a merge is several inbox hops: do not let each wait for a full fetch
                               "fetch.wait.max.ms": 10}))
+        self.metrics = metrics.watch_stage(self)  # per-batch counters, lag; the endpoint if configured
 
     def run(self, stop: threading.Event) -> None:
         for follower in self.followers:  # global tables are read up to date before the first batch
@@ -234,6 +236,7 @@ class StageRunner:
         task.state.commit(changelog)
         self.consumed += len(messages)
         self.produced += len(records)
+        self.metrics.committed(partition, messages, records)
         if self.on_batch:
             self.on_batch(len(messages), len(records))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from headwater import metrics
 from headwater.settings import Settings
 from headwater.topics import TopicNames
 
@@ -78,6 +79,7 @@ class CaptureApp:
 
     def _refuse(self, error: CaptureError | HttpError) -> Response:
         self.refused += 1
+        metrics.capture_refused(error.code)
         return error_response(error)
 
     async def _capture(self, path: str, request: Request) -> Response:
@@ -100,6 +102,7 @@ class CaptureApp:
             log.warning("capture: answering 503, %d events not acknowledged: %s", len(prepared.messages), exc)
             return self._refuse(CaptureError(503, "kafka_unavailable", "transient error, please retry"))
         self.accepted += len(prepared.messages)
+        metrics.capture_accepted(len(prepared.messages))
         if "beacon=" in request.query and _is_beacon(request.query):
             return Response(204)
         return Response(200, OK_BODY)
@@ -142,6 +145,7 @@ class Capture:
             max_message_bytes=settings.max_message_bytes,
         )
         self.http = HttpServer(self.app.handle, self.app.body_limit, error_response, cors_for)
+        metrics.watch_capture(settings)  # the metrics endpoint, if HEADWATER_METRICS_ADDR is set
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         return await self.http.start(host, port)

@@ -55,6 +55,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from headwater import metrics
 from headwater.rows import (
     DISTINCT_ID_COLUMNS,
     EVENT_COLUMNS,
@@ -395,6 +396,7 @@ class ClickHouseSink:
         self.dead_lettered = 0
         self.batches_replayed = 0
         self.insert_failures = 0
+        self.metrics = metrics.watch_sink(self)  # per-batch counters, lag; the endpoint if configured
 
     # -- the loop (consumer thread) ----------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -548,10 +550,12 @@ class ClickHouseSink:
             return []
         commits: list[TopicPartition] = []
         for batch in batches:
+            started = time.perf_counter()
             try:
                 self._retry(f"insert {batch.token}", self._write, [(batch.topic, batch.partition)], batch)
             except Abandoned:
                 continue  # revoked or stopping: its next owner writes it again, from the same range
+            self.metrics.written(batch, time.perf_counter() - started)
             commits.append(TopicPartition(batch.topic, batch.partition, batch.last + 1))
         return commits
 
