@@ -1,0 +1,59 @@
+"""kill -9 of a random identity worker or the sink, at random moments, under a steady load with
+merges and group updates: afterwards every acknowledged event is in ClickHouse exactly once, and
+persons, distinct ids and groups equal the run without faults."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.faults.checks import assert_exactly_once, assert_same_persons_and_groups, counts, reference
+from tests.faults.conftest import by_mode
+from tests.faults.load import TEAM, Gate, Load, Mix
+
+pytestmark = [pytest.mark.faults, pytest.mark.pipeline, pytest.mark.timeout(by_mode(300, 1500))]
+
+KILLS = by_mode(5, 20)
+RATE = by_mode(250, 300)
+
+
+def test_kill_9_of_a_worker_or_the_sink_at_random_points_under_load(deployment, settings, clickhouse, seed) -> None:
+    db = settings.clickhouse.database
+    rng = random.Random(seed)
+    mix = Mix(seed)
+    deployment.worker(0)
+    deployment.worker(1)
+    deployment.sink()
+    gate = Gate(settings)
+    load = Load(settings, RATE, mix, gate)
+    warm = mix.warmup()
+    load.send(warm)
+    load.flush()
+    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+    gate.start()
+    kills: list[str] = []
+    with load:
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(1.0, 4.0))
+            victim = rng.choice(["identity-0", "identity-1", "sink"])
+            deployment.kill(victim)
+            kills.append(victim)
+            time.sleep(rng.uniform(0.0, 1.5))
+            deployment.restart(victim)
+        time.sleep(3)
+    gate.stop()
+    acked = {m.uuid for m in load.acked_events()}
+    assert not load.failed and len(acked) == len(load.messages)
+    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(acked), by_mode(120, 240),
+                                f"{len(acked)} acknowledged events in ClickHouse")
+    assert_exactly_once(clickhouse, db, TEAM, acked)
+    want = reference(load.messages, [TEAM], settings.partitions)
+    assert want.events == len(acked)
+    assert_same_persons_and_groups(clickhouse, db, TEAM, want)
+    merges = sum(1 for m in load.messages if m.kind == "merge")
+    groups = sum(1 for m in load.messages if m.kind == "group")
+    print(f"{len(acked)} events ({merges} merges, {groups} group updates) at {RATE}/s, {KILLS} kills: {kills}; "
+          f"{len(want.tables.persons)} person rows, {len(want.groups)} groups; load behind at most {load.behind_s:.2f}s")
+    print("\n".join(deployment.events))
