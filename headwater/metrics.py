@@ -221,8 +221,9 @@ def watch_stage(runner: StageRunner) -> StageMetrics:
 
 # -- sink -----------------------------------------------------------------------------------------------
 class SinkMetrics:
-    """The sink's per-batch hook: ``written(batch, seconds)`` on the writer thread, after each batch
-    landed; its live state (failures, buffered messages) is read at scrape time."""
+    """The sink's hooks: ``written(batch, seconds)`` on the writer thread after each batch landed (it
+    touches no Kafka client), ``committed(offsets)`` on the consumer thread after each commit; its
+    live state (failures, buffered messages) is read at scrape time."""
 
     def __init__(self, sink: ClickHouseSink) -> None:
         self.sink = sink
@@ -253,9 +254,15 @@ class SinkMetrics:
         if sink.batches_replayed != self.replayed_seen:
             SINK_REPLAYED.inc(sink.batches_replayed - self.replayed_seen)
             self.replayed_seen = sink.batches_replayed
-        _, high = sink.consumer.get_watermark_offsets(TopicPartition(batch.topic, batch.partition), cached=True)
-        if high is not None and high >= 0:
-            _lag_to(self.lags, "sink", batch.topic, batch.partition).set(max(0, high - (batch.last + 1)))
+
+    def committed(self, offsets: Sequence[TopicPartition]) -> None:
+        """The lag of the partitions just committed. On the consumer's thread only: a consumer
+        called from another thread while it consumes blocks (confluent-kafka 2.16, measured)."""
+        sink = self.sink
+        for tp in offsets:
+            _, high = sink.consumer.get_watermark_offsets(tp, cached=True)
+            if high is not None and high >= 0:
+                _lag_to(self.lags, "sink", tp.topic, tp.partition).set(max(0, high - tp.offset))
         if any(key not in sink.assigned for key in self.lags):
             _forget_lags(self.lags, "sink", {k for k in self.lags if k in sink.assigned})
 

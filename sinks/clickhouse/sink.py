@@ -454,6 +454,7 @@ class ClickHouseSink:
                 commits = [tp for tp in job.result() if (tp.topic, tp.partition) in self.assigned]
                 if commits:
                     self.consumer.commit(offsets=commits, asynchronous=False)
+                    self.metrics.committed(commits)  # lag: on this thread, the consumer's own
         if self.held:  # the writer is free again
             self.consumer.resume(self.consumer.assignment())
             self.held = False
