@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import re
 import signal
 import sys
@@ -36,12 +37,43 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@app.callback()
+def _options(
+    log_format: str = typer.Option(
+        "text", "--log-format", envvar="HEADWATER_LOG_FORMAT", metavar="text|json",
+        help="Log lines as text, or as one JSON object per line (ts, level, logger, message; exc for errors). "
+        "Processes started by up and demo inherit it.",
+    ),
+) -> None:
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
+    os.environ["HEADWATER_LOG_FORMAT"] = log_format  # for the children of up and demo
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line: ``ts`` (UTC), ``level``, ``logger``, ``message``, ``exc``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+
+        line = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("HEADWATER_LOG_FORMAT") == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def _stop_event() -> threading.Event:
@@ -187,6 +219,27 @@ def sql(
         typer.echo(str(exc).strip(), err=True)
         raise typer.Exit(1) from None
     typer.echo(render(result.column_names, result.result_rows, fmt))
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object (for scripts)."),
+    interval: float = typer.Option(
+        2.0, min=0.0, help="Seconds between the two reads of committed offsets that give throughput; 0: no throughput."
+    ),
+) -> None:
+    """Per stage and partition: consumer lag and throughput; dead letters and warnings by reason in
+    the last hour; rows per table; whether Kafka and ClickHouse answer. Exit status 1 when either
+    does not."""
+    import json
+
+    from .status import collect_status, render_status
+
+    settings = _settings()
+    report = collect_status(settings, interval=interval)
+    typer.echo(json.dumps(report) if as_json else render_status(report))
+    if not (report["broker"]["reachable"] and report["clickhouse"]["reachable"]):
+        raise typer.Exit(1)
 
 
 @app.command()
