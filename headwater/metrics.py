@@ -97,32 +97,40 @@ _server_lock = threading.Lock()
 _server_address: tuple[str, int] | None = None
 
 
+def listen(host: str, port: int) -> Any:
+    """A started ``/metrics`` HTTP server on ``port``, or on the next free one of the following
+    ``PORT_TRIES - 1`` (port 0: an ephemeral one); OSError when none is free."""
+    candidates = range(port, min(port + PORT_TRIES, 65536)) if port else range(0, 1)
+    for candidate in candidates:
+        try:
+            server, _ = start_http_server(candidate, host)
+            return server
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or candidate == candidates[-1]:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free port from {port}")
+
+
 def serve(settings: Settings, component: str) -> tuple[str, int] | None:
     """Start this process's ``/metrics`` endpoint on ``HEADWATER_METRICS_ADDR`` unless it is unset
-    or already running; returns its ``(host, port)``. A port that stays taken is logged, not raised:
-    metrics never stop a component."""
+    or already running; returns its ``(host, port)``. A port that cannot be had is logged, not
+    raised: metrics never stop a component."""
     global _server_address
     where = settings.metrics_host_port
     if where is None:
         return None
     with _server_lock:
-        if _server_address is not None:
-            return _server_address
-        host, port = where
-        candidates = range(port, min(port + PORT_TRIES, 65536)) if port else [0]
-        for candidate in candidates:
+        if _server_address is None:
+            host, port = where
             try:
-                server, _ = start_http_server(candidate, host)
+                server = listen(host, port)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE and candidate != candidates[-1]:
-                    continue
                 log.error("metrics: cannot listen on %s (%s); %s runs without a metrics endpoint",
                           settings.metrics_addr, exc, component)
                 return None
             _server_address = (host, server.server_port)
             log.info("metrics: %s serves http://%s:%d/metrics", component, host, server.server_port)
-            return _server_address
-    return None
+        return _server_address
 
 
 def _lag_to(gauge_labels: dict[tuple[str, int], Any], component: str, topic: str, partition: int) -> Any:
