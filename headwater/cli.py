@@ -148,18 +148,21 @@ def _banner(settings: Settings) -> str:
 def demo(
     users: int = typer.Option(300, min=10, help="Simulated visitors."),
     companies: int = typer.Option(20, min=1, help="Simulated customer companies."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Where to write the HTML report [default: DATA_DIR/demo-report.html, i.e. .headwater/demo-report.html]."),
     keep_running: bool = typer.Option(False, help="Keep the stack up after the report."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Start the stack, send a simulated SaaS workload, and print what an analyst would look at."""
+    """Start the stack, simulate four weeks of a SaaS product, write an HTML report of the analyst's
+    charts (drawn from ClickHouse queries) and print a short summary."""
     from .demo import run_demo
     from .status import run_until_stopped
 
     _logging(verbose)
     settings = _settings()
     stop = _stop_event()
+    report_path = report if report is not None else Path(settings.data_dir) / "demo-report.html"
     with _running_stack("demo", settings) as stack:
-        run_demo(settings, stack, users=users, companies=companies, stop=stop)
+        run_demo(settings, stack, users=users, companies=companies, stop=stop, report_path=report_path)
         if keep_running:
             typer.echo(_banner(settings), err=True)
             run_until_stopped(stack, settings, stop)
