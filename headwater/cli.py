@@ -146,7 +146,7 @@ def _banner(settings: Settings) -> str:
 
 @app.command()
 def demo(
-    users: int = typer.Option(300, min=10, help="Simulated visitors."),
+    users: int = typer.Option(400, min=10, help="Simulated visitors."),
     companies: int = typer.Option(20, min=1, help="Simulated customer companies."),
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write the HTML report [default: DATA_DIR/demo-report.html, i.e. .headwater/demo-report.html]."),
     keep_running: bool = typer.Option(False, help="Keep the stack up after the report."),

@@ -239,6 +239,8 @@ def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: in
     ch = connect(settings.clickhouse)
     counts_sql = f"SELECT (SELECT count() FROM {db}.events), (SELECT count() FROM {db}.events_dead_letter)"
     rows_before, dead_before = ch.query(counts_sql).result_rows[0]
+    earlier = ch.query(f"SELECT count() FROM {db}.events WHERE team_id = {{team:Int64}} AND timestamp >= now() - INTERVAL {DAYS + 1} DAY",
+                       parameters={"team": team_id}).result_rows[0][0]
     typer.echo(f"demo: simulating {DAYS} days of a SaaS product ({users} visitors, {companies} companies)...", err=True)
     work = _send_workload(client, users=users, companies=companies)
     client.close()
@@ -258,6 +260,9 @@ def run_demo(settings: Settings, stack: LocalStack, *, users: int, companies: in
     ch.close()
     path = write_report(data, report_path)
     typer.echo(summary(work, data, path))
+    if earlier:
+        typer.echo(f"  note        ClickHouse already held {earlier:,} events of team {team_id} in these days (an earlier demo, "
+                   f"or yours): the report counts them too. For a clean run: stop, `rm -rf {settings.data_dir}`, run again.")
     typer.echo(f"\nOpen it in a browser: file://{path}\n"
                f"Run your own: headwater sql --file docs/sql/trends/daily_active_users.sql -p team_id={team_id} "
                f"-p date_from={data.date_from} -p date_to={data.date_to}  (while `headwater up` runs)")
