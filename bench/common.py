@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +138,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # the logs stay in the work folder; ClickHouse's data (hundreds of MB a run) does not
+        shutil.rmtree(self.work / "chdb", ignore_errors=True)
 
 
 @dataclass

@@ -160,6 +160,15 @@ def test_ratios_and_targets_are_computed_from_the_figures():
     assert set(checks["p_over_b"]) == {"target", "value", "met"}
 
 
+def test_memory_below_a_million_ids_is_not_judged_against_the_target():
+    results = results_of_a_run()
+    results["memory"]["distinct_ids"] = 200_000
+    check = targets(results)["memory_bytes_per_id"]
+    assert check["met"] is None and "200,000" in check["note"]
+    results["targets"] = targets(results)
+    assert "✓" not in table_rows(results)[4][1] and "✗" not in table_rows(results)[4][1]
+
+
 def test_targets_leave_out_what_the_run_did_not_measure():
     assert targets({"run": {}, "end_to_end": {"error": "x"}}) == {}
 
