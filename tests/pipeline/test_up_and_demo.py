@@ -2,6 +2,7 @@
 other shells querying while it runs, and Ctrl-C leaving no process behind."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,29 +128,33 @@ def test_up_serves_sql_capture_and_clients_while_running_and_ctrl_c_stops_every_
     assert "capture: stopping (1 events accepted)" in (tmp_path / "data" / "logs" / "capture.log").read_text()
 
 
-def test_demo_prints_query_results_from_clickhouse(tmp_path):
+def test_demo_prints_a_summary_from_clickhouse_and_writes_the_report(tmp_path):
     env = embedded_env(tmp_path)
     result = headwater(env, "demo", "--users", "40", "--companies", "5", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for title in ("Weekly active companies", "Top companies", "Signup funnel", "Sessions", "Top events"):
-        assert f"== {title}" in out
-    assert "$pageview" in out
-    # every company's events carry its group key, and its current properties come from groups_latest
-    top = out.split("== Top companies")[1].split("\n\n")[0].splitlines()[3:-1]
-    assert len(top) == 5, top
-    for line in top:
-        company, name, plan, version, events = [c.strip() for c in line.split("|")]
-        assert name == company.replace("-", " ").title() and plan in ("free", "pro", "enterprise")
-        assert version == "1" and int(events) > 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  ") and line.split()}
+    sent = int(lines["sent"].split()[0].replace(",", ""))
+    assert "40 visitors" in lines["sent"]
+    # every event sent landed, and a fresh ClickHouse held nothing else
+    assert lines["events"] == f"{sent:,} in ClickHouse" and "note" not in lines
+    # each visitor is one person, whatever devices they logged in on (identify merges them)
+    persons, distinct_ids = (int(n) for n in re.findall(r"\d+", lines["persons"].replace(",", ""))[:2])
+    assert persons == 40 and distinct_ids > persons
+    # companies come from groups_latest, with the plan of their latest $groupidentify
+    companies = re.fullmatch(r"(\d+) \((.*)\)", lines["companies"])
+    assert companies and 1 <= int(companies[1]) <= 5
+    assert sum(int(part.split()[0]) for part in companies[2].split(", ")) == int(companies[1])
+    assert all(part.split()[1] in ("free", "pro", "enterprise") for part in companies[2].split(", "))
+    # the funnel decreases from every visitor
+    steps = [int(n) for n in re.findall(r"(?:site|up|project) (\d+)", lines["funnel"])]
+    assert len(steps) == 3 and steps[0] == 40 and steps[0] >= steps[1] >= steps[2] > 0
     # web sessions from the SDK's $session_id, and server-side sessions of the billing backend
-    sessions = out.split("== Sessions")[1].splitlines()
-    count, _, _, bounce, backend_only = [c.strip() for c in sessions[3].split("|")]
-    assert int(count) > int(backend_only) > 0 and 0 <= float(bounce) <= 100
-    # the funnel row holds three numbers, decreasing
-    funnel = out.split("== Signup funnel")[1].splitlines()
-    numbers = [int(x) for x in funnel[3].split("|")]
-    assert numbers[0] >= numbers[1] >= numbers[2] and numbers[0] == 40
+    sessions = re.match(r"([\d,]+), .* ([\d,]+) from backend events only", lines["sessions"])
+    assert sessions and int(sessions[1].replace(",", "")) > int(sessions[2].replace(",", "")) > 0
+    # the report, at its default place in the data folder
+    report = Path(lines["report"])
+    assert report == tmp_path / "data" / "demo-report.html" and "<svg" in report.read_text()
 
 
 def test_up_refuses_a_taken_capture_address_before_starting_anything(tmp_path):
