@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from tests.conftest import Pipeline
 from tests.faults import diagnostics
 from tests.faults.load import Message
 from tests.identity_harness import TOPICS, LocalCluster, Tables, group_tables_from_records, tables_from_records
+
+
+ROW_TOPICS = {TOPICS.events_enriched, TOPICS.persons, TOPICS.person_distinct_ids, TOPICS.ingestion_warnings,
+              TOPICS.groups, TOPICS.group_types}
 
 
 # -- the run without faults -------------------------------------------------------------------
@@ -47,8 +53,9 @@ def reference(messages: list[Message], teams: list[int], partitions: int, max_me
         if m.acked:
             cluster._enqueue(TOPICS.events_raw, m.partition, m.key, m.value)
             cluster.run()
-    tables = tables_from_records(cluster.records)
-    group_tables = group_tables_from_records(cluster.records)
+    rows = [r for r in cluster.records if r.topic in ROW_TOPICS]  # dead letters keep the poison's bytes
+    tables = tables_from_records(rows)
+    group_tables = group_tables_from_records(rows)
     groups = {k: {"properties": r["group_properties"], "created_at": r["created_at"], "version": r["version"]}
               for k, r in group_tables.groups.items()}
     dead = [(dict(r.headers or []).get("dlq_reason", b"").decode(), "") for r in cluster.records
@@ -131,6 +138,132 @@ def assert_same_persons_and_groups(clickhouse, db: str, team: int, want: Referen
     return got
 
 
+# -- latency: from produce to visible in ClickHouse ------------------------------------------
+class InsertTimes(threading.Thread):
+    """Notes when each insert into ``events`` is first seen. Every insert has one ``inserted_at``
+    (``DEFAULT now64(6)``), so polling the distinct values every ``interval`` tells, per event,
+    when it became queryable (an upper bound, by at most the interval and the query's time)."""
+
+    def __init__(self, settings: Settings, interval: float = 0.1) -> None:
+        super().__init__(name="insert-times", daemon=True)
+        from sinks.clickhouse.client import connect
+
+        self.client = connect(settings.clickhouse)
+        self.db = settings.clickhouse.database
+        self.interval = interval
+        self.seen: dict[int, float] = {}  # inserted_at (µs) -> time.time() first seen
+        self.done = threading.Event()
+
+    def poll(self) -> None:
+        since = max(self.seen, default=0) - 30_000_000
+        rows = self.client.query(
+            f"SELECT DISTINCT toUnixTimestamp64Micro(inserted_at) FROM {self.db}.events "
+            f"WHERE inserted_at >= fromUnixTimestamp64Micro(toInt64({max(since, 0)}))").result_rows
+        now = time.time()
+        for (t,) in rows:
+            self.seen.setdefault(t, now)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            started = time.monotonic()
+            try:
+                self.poll()
+            except Exception:  # ClickHouse busy or away: the next poll sees it
+                pass
+            self.done.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
+        self.poll()
+        self.client.close()
+
+
+def latencies(clickhouse, db: str, team: int, messages: list[Message], times: InsertTimes | None = None) -> dict[str, float]:
+    """uuid -> seconds from produce to visible in ClickHouse, for ``messages`` found: first seen by
+    ``times`` if given (an upper bound), else the row's ``inserted_at`` (the insert's start, a
+    lower bound by the insert's duration; it needs no polling, so it adds no load)."""
+    sent = {m.uuid: m.sent for m in messages}
+    out = {}
+    for event_uuid, inserted in clickhouse.query(
+            f"SELECT toString(uuid), toUnixTimestamp64Micro(inserted_at) FROM {db}.events WHERE team_id = {{t:Int64}}",
+            parameters={"t": team}).result_rows:
+        if event_uuid not in sent:
+            continue
+        if times is None:
+            out[event_uuid] = inserted / 1e6 - sent[event_uuid]
+        elif inserted in times.seen:
+            out[event_uuid] = times.seen[inserted] - sent[event_uuid]
+    return out
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process, and by the whole machine
+    (``machine``, all cores, from /proc/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = float("nan")
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine"] = (sum(map(int, cpu)) - int(cpu[3]) - int(cpu[4])) / tick  # all but idle and iowait
+    return out
+
+
+def enriched_times(settings: Settings, timeout: float = 20) -> dict[str, float]:
+    """uuid -> when the identity stage produced its ``events_enriched`` row (the message's
+    create time, seconds), read_committed, the whole topic."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from headwater.topics import TopicNames
+
+    topic = TopicNames(settings.topic_prefix).events_enriched
+    reader = Consumer(settings.kafka_config(**{"group.id": "faults-hops", "enable.auto.commit": False,
+                                               "isolation.level": "read_committed", "enable.partition.eof": True}))
+    out: dict[str, float] = {}
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions) and time.monotonic() < deadline:
+            for m in reader.consume(10_000, 0.5):
+                if m.error() is not None:
+                    at_end.add(m.partition())
+                    continue
+                at_end.discard(m.partition())
+                value = m.value() or b""
+                start = value.find(b'"uuid":"')
+                if start >= 0:
+                    out[value[start + 8:start + 44].decode()] = m.timestamp()[1] / 1000
+    finally:
+        reader.close()
+    return out
+
+
+def hops(clickhouse, db: str, team: int, messages: list[Message], enriched: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """p50 and p95 (s) of each hop: produce → enriched row produced (processors) → inserted_at (sink)."""
+    sent = {m.uuid: m.sent for m in messages}
+    split: dict[str, list[float]] = {"processors": [], "sink": []}
+    for event_uuid, inserted in clickhouse.query(
+            f"SELECT toString(uuid), toUnixTimestamp64Micro(inserted_at) FROM {db}.events WHERE team_id = {{t:Int64}}",
+            parameters={"t": team}).result_rows:
+        if event_uuid in sent and event_uuid in enriched:
+            split["processors"].append(enriched[event_uuid] - sent[event_uuid])
+            split["sink"].append(inserted / 1e6 - enriched[event_uuid])
+    return {hop: (percentile(v, 50), percentile(v, 95)) for hop, v in split.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered))) - 1))]
+
+
 # -- processes --------------------------------------------------------------------------------
 class Deployment(Pipeline):
     """Workers and sink as child processes, with kill -9, and waits that dump diagnostics."""
@@ -148,8 +281,8 @@ class Deployment(Pipeline):
         self.start(f"identity-{n}", "worker", "identity", "--worker-id", str(n))
         self.note(f"started identity-{n} (pid {self.processes[f'identity-{n}'].pid})")
 
-    def sink(self) -> None:
-        self.start("sink", "sink")
+    def sink(self, *args: str) -> None:
+        self.start("sink", "sink", *args)
         self.note(f"started sink (pid {self.processes['sink'].pid})")
 
     def kill(self, name: str) -> None:

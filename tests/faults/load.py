@@ -51,12 +51,13 @@ def envelope(event: Event) -> bytes:
 
 @dataclass
 class Message:
-    """One produced message: an event of the mix (``event`` set) or a raw one (poison)."""
+    """One produced message: an event (``row``: it must become one row of ``events``) or a raw
+    one (poison)."""
 
     key: bytes
     value: bytes
     kind: str
-    event: Event | None = None
+    row: bool = True
     uuid: str = ""
     sent: float = 0.0  # time.time() at produce
     partition: int = -1
@@ -67,7 +68,7 @@ class Message:
 
 
 def event_message(event: Event, kind: str) -> Message:
-    return Message(f"{token_of(event.team_id)}:{event.distinct_id}".encode(), envelope(event), kind, event, event.uuid)
+    return Message(f"{token_of(event.team_id)}:{event.distinct_id}".encode(), envelope(event), kind, True, event.uuid)
 
 
 class Mix:
@@ -275,6 +276,7 @@ class Load:
             self.stopping.set()
             self.thread.join(10)
             self.flush()
+            self.producer = None  # librdkafka lets go of the broker now, not when the test's frames go
 
     # -- what was sent --------------------------------------------------------------------------
     @property
@@ -282,4 +284,4 @@ class Load:
         return [m for m in self.messages if m.acked]
 
     def acked_events(self) -> list[Message]:
-        return [m for m in self.messages if m.acked and m.event is not None]
+        return [m for m in self.messages if m.acked and m.row]

@@ -1,0 +1,239 @@
+"""1% poison on ``events_raw`` (straight from a Kafka client: capture refuses most of these with
+an HTTP error before Kafka, so only a producer of its own can put them there) beside a steady
+load with merges and group updates.
+
+Afterwards: every poison message is in ``events_dead_letter`` (found by its source partition and
+offset, or by its uuid) or in ``ingestion_warnings`` with the reason its kind calls for; every
+acknowledged good event is in ClickHouse exactly once; persons and groups equal the run without
+faults; and no partition stalled behind a bad message: the good events sent right after each poison
+message on its partition were processed (produce to their enriched row) less than 1 s later than
+the good events overall (medians of the next 5, against the median of all).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import orjson
+import pytest
+
+from tests.faults.checks import (
+    assert_exactly_once,
+    assert_same_persons_and_groups,
+    counts,
+    enriched_times,
+    latencies,
+    percentile,
+    reference,
+)
+from tests.faults.conftest import by_mode
+from tests.faults.load import TEAM, Gate, Load, Message, Mix
+from tests.identity_harness import token_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.pipeline, pytest.mark.timeout(by_mode(300, 900))]
+
+RATE = by_mode(250, 300)
+SECONDS = by_mode(20, 60)
+POISON_SHARE = 0.01
+#: a lower message limit than the default 1 MB, so the oversized message costs little here
+MAX_MESSAGE_BYTES = 200_000
+STALL_S = 1.0
+AFTER = 5  # good events after a poison message whose median shows a stall
+#: Kinds the pipeline does not yet handle as the issue asks (reported; fixes belong to the identity
+#: stage). Their misses make the test xfail, with the list, once everything else passed.
+KNOWN_GAPS = {
+    # parse_raw_event takes any timestamp from events_raw; capture clamps > 23 h to now, but a
+    # direct producer bypasses capture. PostHog's ingestion warned event_timestamp_in_future.
+    "future_timestamp": "no event_timestamp_in_future warning (parse.py keeps the timestamp, no warning)",
+    # emit_event's event_row_too_large dead letter has no dlq_topic/partition/offset headers, so
+    # its row's key in events_dead_letter (ReplacingMergeTree ORDER BY source_topic, partition,
+    # offset) is ('', 0, 0) for all of them: a background merge keeps one.
+    "oversized": "event_row_too_large dead letters lack source coordinates and collapse into one row on merge",
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of poison: how to make it, and where it must end (``dead_letter`` reason, or
+    ``warning`` type), and whether its event is still a row (an illegal merge is ingested)."""
+
+    name: str
+    make: Callable[[int, str], tuple[str, bytes]]  # (n, uuid) -> (distinct id for the key, value)
+    lands: str  # "dead_letter" or "warning"
+    reason: str
+    is_row: bool = False
+
+
+def raw(**fields) -> bytes:
+    doc = {"token": token_of(TEAM), "event": "$pageview", "timestamp": "2026-01-05T10:00:00+00:00",
+           "properties": {}, **fields}
+    return orjson.dumps(doc)
+
+
+def _future(n: int, u: str) -> tuple[str, bytes]:
+    ts = (datetime.now(timezone.utc) + timedelta(days=3 + n % 5)).isoformat()
+    return f"poison-future-{n}", raw(distinct_id=f"poison-future-{n}", uuid=u, timestamp=ts)
+
+
+KINDS = [
+    Kind("invalid_json", lambda n, u: (f"poison-{n}", b'{"token": "' + token_of(TEAM).encode() + b'", "distinct_id": "x", '),
+         "dead_letter", "invalid_json"),
+    Kind("not_an_object", lambda n, u: (f"poison-{n}", b'["an", "array"]'), "dead_letter", "not_an_object"),
+    Kind("oversized", lambda n, u: (f"poison-big-{n}", raw(distinct_id=f"poison-big-{n}", uuid=u,
+                                                           properties={"blob": "x" * (MAX_MESSAGE_BYTES + 10_000)})),
+         "dead_letter", "event_row_too_large"),
+    Kind("bad_uuid", lambda n, u: (f"poison-{n}", raw(distinct_id=f"poison-{n}", uuid=f"not-a-uuid-{n}")),
+         "dead_letter", "invalid_uuid"),
+    Kind("empty_distinct_id", lambda n, u: ("", raw(distinct_id="", uuid=u)), "dead_letter", "missing_distinct_id"),
+    Kind("blank_distinct_id", lambda n, u: ("   ", raw(distinct_id="   ", uuid=u)), "dead_letter", "invalid_distinct_id"),
+    Kind("numeric_distinct_id", lambda n, u: (str(n), raw(distinct_id=n, uuid=u)), "dead_letter", "invalid_distinct_id"),
+    Kind("too_long_distinct_id", lambda n, u: (f"{n}-" + "y" * 401, raw(distinct_id=f"{n}-" + "y" * 401, uuid=u)),
+         "warning", "skipping_event_invalid_distinct_id"),
+    Kind("illegal_anon_id", lambda n, u: (f"poison-ill-{n}", raw(distinct_id=f"poison-ill-{n}", uuid=u, event="$identify",
+                                                                 properties={"$anon_distinct_id": "anonymous"})),
+         "warning", "cannot_merge_with_illegal_distinct_id", is_row=True),
+    Kind("illegal_distinct_id", lambda n, u: ("null", raw(distinct_id="null", uuid=u, event="$create_alias",
+                                                         properties={"alias": f"poison-alias-{n}"})),
+         "warning", "cannot_merge_with_illegal_distinct_id", is_row=True),
+    Kind("unknown_token", lambda n, u: (f"poison-{n}", raw(token="phc_nobody", distinct_id=f"poison-{n}", uuid=u)),
+         "dead_letter", "unknown_token"),
+    Kind("set_not_an_object", lambda n, u: (f"poison-{n}", raw(distinct_id=f"poison-{n}", uuid=u, **{"$set": "plan=pro"})),
+         "dead_letter", "invalid_person_update"),
+    Kind("set_once_a_list", lambda n, u: (f"poison-{n}", raw(distinct_id=f"poison-{n}", uuid=u, **{"$set_once": [1, 2]})),
+         "dead_letter", "invalid_person_update"),
+    Kind("missing_event", lambda n, u: (f"poison-{n}", raw(distinct_id=f"poison-{n}", uuid=u, event="")),
+         "dead_letter", "missing_event"),
+    Kind("future_timestamp", _future, "warning", "event_timestamp_in_future", is_row=True),
+]
+
+
+class PoisonMix:
+    """The SaaS mix with 1% poison, the kinds in turn."""
+
+    def __init__(self, mix: Mix, share: float = POISON_SHARE) -> None:
+        self.mix = mix
+        self.first_uuids = mix.first_uuids
+        self.share = share
+        self.kinds = itertools.cycle(KINDS)
+        self.n = 0
+
+    def next(self, ready: list[int]) -> list[Message]:
+        if self.mix.rng.random() >= self.share:
+            return self.mix.next(ready)
+        kind = next(self.kinds)
+        self.n += 1
+        u = str(uuid.uuid4())
+        did, value = kind.make(self.n, u)
+        return [Message(f"{token_of(TEAM)}:{did}".encode(), value, "poison:" + kind.name, row=kind.is_row, uuid=u,
+                        meta={"kind": kind})]
+
+
+def where_it_landed(clickhouse, db: str, poison: list[Message]) -> dict[int, tuple[str, str]]:
+    """index in ``poison`` -> (table, reason) for each poison message found."""
+    found: dict[int, tuple[str, str]] = {}
+    by_coordinates = {(m.partition, m.offset): i for i, m in enumerate(poison)}
+    by_uuid = {m.uuid: i for i, m in enumerate(poison)}
+    for reason, partition, offset, raw_value in clickhouse.query(
+            f"SELECT reason, source_partition, source_offset, raw FROM {db}.events_dead_letter").result_rows:
+        i = by_coordinates.get((partition, offset))
+        if i is None:  # a dead letter written without its source coordinates: by the uuid it holds
+            try:
+                i = by_uuid.get(orjson.loads(raw_value).get("u"))
+            except (orjson.JSONDecodeError, AttributeError):
+                i = None
+        if i is not None:
+            found[i] = ("events_dead_letter", reason)
+    for kind, event_uuid in clickhouse.query(
+            f"SELECT type, event_uuid FROM {db}.ingestion_warnings WHERE team_id = {TEAM}").result_rows:
+        i = by_uuid.get(event_uuid)
+        if i is not None and poison[i].meta["kind"].lands == "warning":
+            found[i] = ("ingestion_warnings", kind)
+    return found
+
+
+@pytest.fixture
+def test_env(test_env: dict[str, str]) -> dict[str, str]:
+    return {**test_env, "HEADWATER_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
+
+
+def test_one_percent_poison_is_dead_lettered_or_warned_and_stalls_nothing(deployment, settings, clickhouse, seed) -> None:
+    db = settings.clickhouse.database
+    mix = Mix(seed)
+    deployment.worker(0)
+    deployment.worker(1)
+    deployment.sink()
+    gate = Gate(settings)
+    load = Load(settings, RATE, PoisonMix(mix), gate)
+    warm = mix.warmup()
+    load.send(warm)
+    load.flush()
+    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+    gate.start()
+    with load:
+        time.sleep(SECONDS)
+    gate.stop()
+    assert not load.failed
+    poison = [m for m in load.messages if m.kind.startswith("poison:")]
+    rows = {m.uuid for m in load.acked_events()}
+    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(rows), by_mode(120, 180),
+                                f"{len(rows)} event rows in ClickHouse")
+
+    expected = [i for i, m in enumerate(poison) if m.meta["kind"].name not in KNOWN_GAPS]
+
+    def all_landed() -> bool:
+        return set(expected) <= set(where_it_landed(clickhouse, db, poison))
+
+    try:
+        deployment.wait_or_diagnose(all_landed, 30, f"{len(expected)} poison messages in the dead letters or warnings")
+    except pytest.fail.Exception:
+        pass  # the precise list below
+    landed = where_it_landed(clickhouse, db, poison)
+    wrong, gaps = [], []
+    for i, m in enumerate(poison):
+        kind: Kind = m.meta["kind"]
+        want = ("events_dead_letter" if kind.lands == "dead_letter" else "ingestion_warnings", kind.reason)
+        if landed.get(i) != want:
+            miss = f"{kind.name} at {m.partition}@{m.offset}: {landed.get(i) or 'nowhere'}, want {want}"
+            (gaps if kind.name in KNOWN_GAPS else wrong).append(miss)
+    kinds_sent = sorted({m.meta["kind"].name for m in poison})
+
+    # stalls: where a bad message is handled (the identity stage), a partition held by one for a
+    # second would hold every event behind it. For each poison message: the median time from
+    # produce to its enriched row of the next AFTER good events on its partition, against the
+    # median of all good events (medians: a merge holds some events longer by design)
+    good = [m for m in load.acked_events() if not m.kind.startswith("poison:")]
+    enriched = enriched_times(settings)
+    processed = {m.uuid: enriched[m.uuid] - m.sent for m in good if m.uuid in enriched}
+    median = percentile(list(processed.values()), 50)
+    by_partition: dict[int, list[Message]] = {}
+    for m in good:
+        if m.uuid in processed:
+            by_partition.setdefault(m.partition, []).append(m)
+    behind: list[tuple[float, str, int]] = []
+    for p in poison:
+        following = [m for m in by_partition.get(p.partition, []) if m.sent > p.sent][:AFTER]
+        if len(following) == AFTER:
+            behind.append((percentile([processed[m.uuid] for m in following], 50) - median, p.meta["kind"].name,
+                           p.partition))
+    worst = max(behind, default=(0.0, "", -1))
+    latency = latencies(clickhouse, db, TEAM, good)
+    print(f"{len(load.messages)} messages at {RATE}/s for {SECONDS}s: {len(poison)} poison of {len(kinds_sent)} kinds "
+          f"({', '.join(kinds_sent)}); good events from produce to enriched p50 {median * 1000:.0f} ms, to ClickHouse "
+          f"p50 {percentile(list(latency.values()), 50) * 1000:.0f} ms p95 {percentile(list(latency.values()), 95) * 1000:.0f} ms; "
+          f"the {AFTER} good events after each poison message on its partition, median to enriched against all: "
+          f"worst {worst[0] * 1000:+.0f} ms ({worst[1]} on partition {worst[2]}), median "
+          f"{percentile([b[0] for b in behind], 50) * 1000:+.0f} ms over {len(behind)} poison messages; known gaps: {len(gaps)}")
+
+    assert not wrong, f"{len(wrong)} of {len(poison)} poison messages not where they belong:\n" + "\n".join(wrong)
+    assert_exactly_once(clickhouse, db, TEAM, rows)
+    want = reference(load.messages, [TEAM], settings.partitions, max_message_bytes=MAX_MESSAGE_BYTES)
+    assert_same_persons_and_groups(clickhouse, db, TEAM, want)
+    assert worst[0] < STALL_S, f"a partition stalled behind a poison message: {worst}"
+    if gaps:
+        pytest.xfail("known gaps of the identity stage: " + "; ".join(
+            f"{k}: {why}" for k, why in KNOWN_GAPS.items() if any(g.startswith(k) for g in gaps)) + "\n" + "\n".join(gaps))
