@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast bench clean
+.PHONY: install demo up test test-fast test-faults bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "headwater needs Python 3.11, this is " + sys.version'
@@ -26,6 +26,9 @@ test: $(STAMP)  ## the whole test suite (what CI runs)
 
 test-fast: $(STAMP)  ## unit tests only, no broker or ClickHouse
 	$(BIN)/python -m pytest -m "not pipeline and not docker"
+
+test-faults: $(STAMP)  ## the fault suite at full length (20 kills, a 30 s ClickHouse outage, ...); make test runs it short
+	HEADWATER_FAULTS=full $(BIN)/python -m pytest tests/faults -m faults
 
 BENCH_ARGS ?=
 bench: $(STAMP)  ## the benchmark, one run on one broker: table + bench/results/latest.json (BENCH_ARGS="--full", "--quick", ...)
