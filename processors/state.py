@@ -23,17 +23,41 @@ import orjson
 RESTORE_MARKER_KEY = b"__restore_marker__"
 
 
+#: RocksDB memory per worker process (ADR 0001, memory target of DESIGN §7): memtables of 4 MB
+#: (RocksDB's default is 64 MB each, per partition) and one block cache shared by the process's
+#: partitions. Reads beyond the cache go to the OS page cache, which the kernel can reclaim.
+WRITE_BUFFER_BYTES = 4 << 20
+BLOCK_CACHE_BYTES = 32 << 20
+_shared: dict[str, Any] = {}
+
+
+def _rocksdb_options() -> Any:
+    from rocksdict import BlockBasedOptions, Cache, Options
+
+    if "cache" not in _shared:
+        _shared["cache"] = Cache(BLOCK_CACHE_BYTES)
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(2)
+    table = BlockBasedOptions()
+    table.set_block_cache(_shared["cache"])
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_bloom_filter(10, False)
+    options.set_block_based_table_factory(table)
+    return options
+
+
 class PartitionState:
     def __init__(self, path: Path | None = None) -> None:
         self._store: Any
         if path is None:
             self._store = {}
         else:
-            from rocksdict import Options, Rdict
+            from rocksdict import Rdict
 
             shutil.rmtree(path, ignore_errors=True)  # restored from the changelog, never trusted
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._store = Rdict(str(path), options=Options(raw_mode=True))
+            self._store = Rdict(str(path), options=_rocksdb_options())
         self._path = path
         self._writes: dict[bytes, bytes | None] = {}  # the batch's writes, encoded (None: deleted)
         self._undo: list[tuple[bytes, bool, bytes | None]] = []
