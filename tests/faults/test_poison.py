@@ -5,14 +5,15 @@ load with merges and group updates.
 Afterwards: every poison message is in ``events_dead_letter`` (found by its source partition and
 offset, or by its uuid) or in ``ingestion_warnings`` with the reason its kind calls for; every
 acknowledged good event is in ClickHouse exactly once; persons and groups equal the run without
-faults; and no partition stalled behind a bad message: the good events sent right after each poison
+faults; and no partition stalled behind a bad message: the good events sent right after a poison
 message on its partition were processed (produce to their enriched row) less than 1 s later than
-the good events overall (medians of the next 5, against the median of all).
+those right before it (medians of 5 each; per kind, the median over its messages).
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -43,7 +44,7 @@ POISON_SHARE = 0.01
 #: a lower message limit than the default 1 MB, so the oversized message costs little here
 MAX_MESSAGE_BYTES = 200_000
 STALL_S = 1.0
-AFTER = 5  # good events after a poison message whose median shows a stall
+AROUND = 5  # good events before and after a poison message whose medians show a stall
 #: Kinds the pipeline does not yet handle as the issue asks (reported; fixes belong to the identity
 #: stage). Their misses make the test xfail, with the list, once everything else passed.
 KNOWN_GAPS = {
@@ -203,37 +204,52 @@ def test_one_percent_poison_is_dead_lettered_or_warned_and_stalls_nothing(deploy
     kinds_sent = sorted({m.meta["kind"].name for m in poison})
 
     # stalls: where a bad message is handled (the identity stage), a partition held by one for a
-    # second would hold every event behind it. For each poison message: the median time from
-    # produce to its enriched row of the next AFTER good events on its partition, against the
-    # median of all good events (medians: a merge holds some events longer by design)
+    # second holds every event behind it. For each poison message, on its partition: the median
+    # time from produce to the enriched row of the AROUND good events after it, minus that of the
+    # AROUND before it (a local control: a slow moment of the machine delays both). A kind that
+    # stalls does it every time, so per kind the median of these must stay under STALL_S; the worst
+    # single one is reported beside the same figure around random good events (the machine's noise).
     good = [m for m in load.acked_events() if not m.kind.startswith("poison:")]
     enriched = enriched_times(settings)
     processed = {m.uuid: enriched[m.uuid] - m.sent for m in good if m.uuid in enriched}
-    median = percentile(list(processed.values()), 50)
     by_partition: dict[int, list[Message]] = {}
     for m in good:
         if m.uuid in processed:
             by_partition.setdefault(m.partition, []).append(m)
-    behind: list[tuple[float, str, int]] = []
+
+    def held(anchor: Message) -> float | None:
+        line = by_partition.get(anchor.partition, [])
+        before = [m for m in line if m.sent < anchor.sent][-AROUND:]
+        after = [m for m in line if m.sent > anchor.sent][:AROUND]
+        if len(before) < AROUND or len(after) < AROUND:
+            return None
+        return percentile([processed[m.uuid] for m in after], 50) - percentile([processed[m.uuid] for m in before], 50)
+
+    per_kind: dict[str, list[float]] = {}
     for p in poison:
-        following = [m for m in by_partition.get(p.partition, []) if m.sent > p.sent][:AFTER]
-        if len(following) == AFTER:
-            behind.append((percentile([processed[m.uuid] for m in following], 50) - median, p.meta["kind"].name,
-                           p.partition))
-    worst = max(behind, default=(0.0, "", -1))
+        value = held(p)
+        if value is not None:
+            per_kind.setdefault(p.meta["kind"].name, []).append(value)
+    kind_medians = {kind: percentile(values, 50) for kind, values in per_kind.items()}
+    worst_kind = max(kind_medians.items(), key=lambda kv: kv[1], default=("", 0.0))
+    single = max((v for values in per_kind.values() for v in values), default=0.0)
+    control = [v for v in (held(m) for m in random.Random(seed).sample(good, min(len(good), 10 * len(poison))))
+               if v is not None]
     latency = latencies(clickhouse, db, TEAM, good)
     print(f"{len(load.messages)} messages at {RATE}/s for {SECONDS}s: {len(poison)} poison of {len(kinds_sent)} kinds "
-          f"({', '.join(kinds_sent)}); good events from produce to enriched p50 {median * 1000:.0f} ms, to ClickHouse "
-          f"p50 {percentile(list(latency.values()), 50) * 1000:.0f} ms p95 {percentile(list(latency.values()), 95) * 1000:.0f} ms; "
-          f"the {AFTER} good events after each poison message on its partition, median to enriched against all: "
-          f"worst {worst[0] * 1000:+.0f} ms ({worst[1]} on partition {worst[2]}), median "
-          f"{percentile([b[0] for b in behind], 50) * 1000:+.0f} ms over {len(behind)} poison messages; known gaps: {len(gaps)}")
+          f"({', '.join(kinds_sent)}); good events from produce to enriched p50 "
+          f"{percentile(list(processed.values()), 50) * 1000:.0f} ms, to ClickHouse p50 "
+          f"{percentile(list(latency.values()), 50) * 1000:.0f} ms p95 {percentile(list(latency.values()), 95) * 1000:.0f} ms; "
+          f"held behind a poison message (the {AROUND} good events after it against the {AROUND} before): worst kind "
+          f"{worst_kind[0]} {worst_kind[1] * 1000:+.0f} ms (median), worst single {single * 1000:+.0f} ms; around "
+          f"{len(control)} random good events: worst {max(control, default=0) * 1000:+.0f} ms, p99 "
+          f"{percentile(control, 99) * 1000:+.0f} ms; known gaps: {len(gaps)}")
 
     assert not wrong, f"{len(wrong)} of {len(poison)} poison messages not where they belong:\n" + "\n".join(wrong)
     assert_exactly_once(clickhouse, db, TEAM, rows)
     want = reference(load.messages, [TEAM], settings.partitions, max_message_bytes=MAX_MESSAGE_BYTES)
     assert_same_persons_and_groups(clickhouse, db, TEAM, want)
-    assert worst[0] < STALL_S, f"a partition stalled behind a poison message: {worst}"
+    assert worst_kind[1] < STALL_S, f"partitions stalled behind poison of kind {worst_kind[0]}: {per_kind[worst_kind[0]]}"
     if gaps:
         pytest.xfail("known gaps of the identity stage: " + "; ".join(
             f"{k}: {why}" for k, why in KNOWN_GAPS.items() if any(g.startswith(k) for g in gaps)) + "\n" + "\n".join(gaps))
