@@ -215,6 +215,7 @@ class Load:
         self.paused = threading.Event()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.behind_s = 0.0
+        self.extra = 0  # messages to send at once on the next tick, beside the pace (``burst``)
 
     # -- sending --------------------------------------------------------------------------------
     def send(self, messages: list[Message]) -> None:
@@ -238,6 +239,10 @@ class Load:
                 self.producer.poll(0.05)
         self.messages.append(m)
 
+    def burst(self, n: int) -> None:
+        """``n`` more messages of the mix at once (the workers get big batches, long transactions)."""
+        self.extra += n
+
     def flush(self, timeout: float = 30) -> None:
         assert self.producer.flush(timeout) == 0, "the load's messages were not all acknowledged"
 
@@ -255,10 +260,14 @@ class Load:
                     ready.append(self.gate.ready.get())
             due = int((time.monotonic() - started) * self.rate)
             self.behind_s = max(self.behind_s, (due - produced_slots) / self.rate)
-            while produced_slots < due:
+            extra, self.extra = self.extra, 0
+            while produced_slots < due or extra > 0:
                 batch = self.source(ready)
                 self.send(batch)
-                produced_slots += len(batch)
+                if produced_slots < due:
+                    produced_slots += len(batch)
+                else:
+                    extra -= len(batch)
             waits = getattr(self.mix, "first_uuids", None)
             while self.gate is not None and waits:
                 self.gate.wait_for(*waits.popitem())
