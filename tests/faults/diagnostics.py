@@ -10,7 +10,7 @@ For each consumer group (identity workers, sink) and each partition of its input
   actually get in a short read (more for the first: records behind an open or unresolved
   transaction, which read_committed consumers wait for).
 Then the group's members and assignments as the broker describes them, what was done to the
-processes and when, each live process's Python stacks (``py-spy dump``), and the tail of each log.
+processes and when, each live process's Python stacks with their local variables (``py-spy dump --locals``), and the tail of each log.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from headwater.settings import Settings
 from headwater.topics import TopicNames
 
 SHORT_READ_S = 1.5
+LOCALS = ("--locals",)  # py-spy shows each frame's local variables: the message a stuck loop handles
 
 
 def _reader(settings: Settings, isolation: str) -> Consumer:
@@ -97,7 +98,7 @@ def group_report(settings: Settings, group: str) -> list[str]:
 def stacks(pid: int) -> str:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     try:
-        return subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20).stdout
+        return subprocess.run([py_spy, "dump", *LOCALS, "--pid", str(pid)], capture_output=True, text=True, timeout=20).stdout
     except Exception as exc:
         return f"(py-spy dump failed: {exc!r})"
 
