@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     processor_batch_size: int = Field(default=5000, ge=1)
     processor_batch_ms: int = Field(default=100, ge=1)
     sink_batch_rows: int = Field(default=10_000, ge=1)
-    sink_batch_ms: int = Field(default=1000, ge=1)
+    sink_batch_ms: int = Field(default=250, ge=1)  # p50 capture → queryable ≤ 1 s (DESIGN §7)
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
 
     # Observability (docs/adr/0012-observability.md) -----------------------------------------------
