@@ -84,8 +84,8 @@ def offsets_report(settings: Settings, group: str, topics: list[str]) -> list[st
 
 def group_report(settings: Settings, group: str) -> list[str]:
     try:
-        future = AdminClient(settings.kafka_config()).describe_consumer_groups([group], request_timeout=10)[group]
-        description = future.result(timeout=15)
+        admin = AdminClient(settings.kafka_config())  # kept until the result: its handle serves it
+        description = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
     except Exception as exc:
         return [f"group {group}: not described ({exc!r})"]
     lines = [f"group {group}: state {description.state}, coordinator {description.coordinator}"]
