@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from headwater import metrics
@@ -33,6 +34,18 @@ from .outputs import Record
 from .state import RESTORE_MARKER_KEY, PartitionState
 
 log = logging.getLogger(__name__)
+
+#: Header of changelog records: the input offsets (``{topic: next offset}``) their batch commits.
+BATCH_HEADER = "hw-batch"
+
+
+def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str, int]) -> bool:
+    """Whether the batch a changelog record came from committed: its input offsets are at or below
+    the group's committed offsets. Records without the header (older ones) count as committed."""
+    for name, value in headers or ():
+        if name == BATCH_HEADER:
+            return all(offset <= committed.get(topic, 0) for topic, offset in orjson.loads(value).items())
+    return True
 
 
 class Follower(Protocol):
@@ -179,7 +192,9 @@ class StageRunner:
             "group.id": f"{self.group_id}-restore", "enable.auto.commit": False,
             "isolation.level": "read_committed", "enable.partition.eof": False}))
         reader.assign([TopicPartition(self.changelog_topic, partition, OFFSET_BEGINNING)])
-        records = 0
+        committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(
+            [TopicPartition(t, partition) for t in self.input_topics], timeout=30)}
+        records = skipped = 0
         try:
             done = False
             while not done:
@@ -189,14 +204,21 @@ class StageRunner:
                     if m.offset() >= marker[0]:
                         done = True
                         break
-                    if m.key() != RESTORE_MARKER_KEY:
-                        task.state.restore(m.key(), m.value())
-                        records += 1
+                    if m.key() == RESTORE_MARKER_KEY:
+                        continue
+                    if not batch_committed(m.headers(), committed):
+                        skipped += 1
+                        continue
+                    task.state.restore(m.key(), m.value())
+                    records += 1
         finally:
             reader.close()
         self.restored += records
         log.info("%s: restored partition %d from %d changelog records in %.2fs", self.name, partition, records,
                  time.monotonic() - started)
+        if skipped:
+            log.warning("%s: partition %d: skipped %d changelog records of batches that never committed "
+                        "(an aborted transaction the broker delivered)", self.name, partition, skipped)
 
     # -- batches --------------------------------------------------------------------------------
     def _is_error(self, message: Message) -> bool:
@@ -218,12 +240,15 @@ class StageRunner:
         for m in messages:
             offsets[(m.topic(), m.partition())] = m.offset() + 1
         producer = task.producer
+        # each changelog record says which input offsets its batch commits: a restore skips those
+        # of batches that never committed (Tansu delivers aborted records, ADR 0011)
+        tag = [(BATCH_HEADER, orjson.dumps({t: o for (t, _), o in offsets.items()}))] if changelog else None
         try:
             producer.begin_transaction()
             for record in records:
                 self._produce(producer, record.topic, record.key, record.value, record.headers, record.partition)
             for key, value in changelog:
-                self._produce(producer, self.changelog_topic, key, value, None, partition)
+                self._produce(producer, self.changelog_topic, key, value, tag, partition)
             producer.send_offsets_to_transaction(
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),

@@ -125,6 +125,9 @@ class LocalCluster:
         self.queues: list[deque[FakeMessage]] = [deque() for _ in range(partitions)]
         self.offsets = [0] * partitions
         self.records: list[Record] = []
+        #: deliver every inbox message twice, as Tansu does with an aborted transaction's records
+        #: followed by the replay's (ADR 0011)
+        self.duplicate_inbox = False
 
     def send(self, event: Event) -> None:
         key = f"{token_of(event.team_id)}:{event.distinct_id}".encode()
@@ -148,7 +151,8 @@ class LocalCluster:
         state.commit(state.pending())
         for record in out:
             if record.topic == TOPICS.identity_inbox:
-                self._enqueue(record.topic, record.partition, record.key, record.value)
+                for _ in range(2 if self.duplicate_inbox else 1):
+                    self._enqueue(record.topic, record.partition, record.key, record.value)
             else:
                 self.records.append(record)
                 if record.topic in (TOPICS.groups, TOPICS.group_types):

@@ -126,12 +126,14 @@ class IdentityPipeline:
         self.max_message_bytes = max_message_bytes
         self.teams = teams
         self.homes = Homes({team: token for token, team in teams.items()}, partitions)
-        self.counts: dict[str, int] = {"ok": 0, "dead_letter": 0, "dropped": 0, "warnings": 0, "merges": 0}
+        self.counts: dict[str, int] = {"ok": 0, "dead_letter": 0, "dropped": 0, "warnings": 0, "merges": 0,
+                                   "duplicates": 0}
 
     def process_partition(self, partition: int, messages: Sequence[SourceMessage], state: PartitionState) -> list[Record]:
         run = _PartitionRun(self, partition, state)
         for message in messages:
             savepoint, emitted = state.savepoint(), len(run.out)
+            run.origin, run.sent = [0 if message.topic() == self.topics.events_raw else 1, message.offset()], 0
             try:
                 run.message(message)
             except Exception as exc:  # a bug must not stop the partition: dead-letter and go on
@@ -157,13 +159,18 @@ class _PartitionRun:
         self.state = state
         self.out: list[Record] = []
         self.work: deque[dict[str, Any]] = deque()
+        self.origin: list[int] = [9, 0]  # the input message being handled: [topic code, offset]
+        self.sent = 0  # inbox messages sent for it so far
 
     # -- transport ------------------------------------------------------------------------------
     def message(self, message: SourceMessage) -> None:
         if message.topic() == self.topics.events_raw:
             self._raw(message)
         else:
-            self._handle(orjson.loads(message.value() or b"{}"))
+            msg = orjson.loads(message.value() or b"{}")
+            if self._seen_before(msg):
+                return
+            self._handle(msg)
         while self.work:
             self._handle(self.work.popleft())
 
@@ -172,7 +179,25 @@ class _PartitionRun:
             self.work.append(msg)
         else:
             key = f"{msg.get('t', '')}:{msg['k']}".encode()
-            self.out.append(Record(self.topics.identity_inbox, key, orjson.dumps(msg), partition=partition))
+            self.sent += 1
+            stamped = {**msg, "sp": self.partition, "q": [*self.origin, self.sent]}
+            self.out.append(Record(self.topics.identity_inbox, key, orjson.dumps(stamped), partition=partition))
+
+    def _seen_before(self, msg: dict[str, Any]) -> bool:
+        """An inbox message this partition already handled: a copy from a sender's aborted
+        transaction that the broker delivered anyway (Tansu does, ADR 0011), before the replay's
+        identical one. Each sender stamps its messages with where they came from (input topic,
+        offset, count), increasing along the (sender, topic) link; the highest handled is kept."""
+        stamp = msg.get("q")
+        if stamp is None:
+            return False
+        key = f"x:{msg['sp']}:{stamp[0]}"
+        last = self.state.get(key)
+        if last is not None and stamp[1:] <= last:
+            self.counts["duplicates"] += 1
+            return True
+        self.state.put(key, stamp[1:])
+        return False
 
     def to_did(self, team: int, did: str, msg: dict[str, Any]) -> None:
         self.send(self.homes.of(team, did), msg)

@@ -42,7 +42,7 @@ def test_bad_message_becomes_a_dead_letter_with_coordinates_and_the_batch_goes_o
     assert headers["dlq_stage"] == b"identity"
     assert (headers["dlq_topic"], headers["dlq_partition"], headers["dlq_offset"]) == (b"x_events_raw", b"0", b"1")
     assert b"dlq_timestamp" in [k.encode() for k in headers]
-    assert pipeline.counts == {"ok": 2, "dead_letter": 1, "dropped": 0, "warnings": 0, "merges": 0}
+    assert pipeline.counts == {"ok": 2, "dead_letter": 1, "dropped": 0, "warnings": 0, "merges": 0, "duplicates": 0}
 
 
 def test_a_step_that_raises_becomes_a_processing_error_dead_letter(monkeypatch):
@@ -98,3 +98,18 @@ def test_state_on_rocksdb_reads_its_writes_and_keeps_only_committed_ones(tmp_pat
     assert (state.get("d:1:a"), state.get("d:1:b"), len(state)) == ({"r": "a"}, None, 1)
     state.close()
     assert not (tmp_path / "p0").exists()
+
+
+def test_a_restore_keeps_changelog_records_of_committed_batches_only() -> None:
+    from processors.runtime import BATCH_HEADER, batch_committed
+
+    def tag(**offsets: int) -> list[tuple[str, bytes]]:
+        return [("other", b"x"), (BATCH_HEADER, orjson.dumps(offsets))]
+
+    committed = {"events_raw": 120, "identity_inbox": 40}
+    assert batch_committed(tag(events_raw=120, identity_inbox=33), committed)
+    assert batch_committed(tag(identity_inbox=40), committed)
+    assert not batch_committed(tag(events_raw=121), committed)  # the aborted batch after the commit
+    assert not batch_committed(tag(events_raw=100, identity_inbox=41), committed)
+    assert not batch_committed(tag(events_raw=1), {})  # nothing committed yet
+    assert batch_committed(None, committed) and batch_committed([("other", b"x")], committed)  # untagged

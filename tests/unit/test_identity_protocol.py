@@ -157,3 +157,31 @@ def test_concurrent_merges_sharing_persons_wait_or_ask_again_and_keep_the_invari
     assert _keys(cluster, "mf:") == [] and _keys(cluster, "ml:") == [] and _keys(cluster, "m:") == []
     assert all(not orjson.loads(state._store[k]).get("m") for state in cluster.states for k in state._store
                if k.startswith(b"mr:"))
+
+
+@pytest.mark.parametrize("scenario", PIPELINE_SCENARIOS, ids=lambda s: s.name)
+def test_inbox_messages_delivered_twice_change_nothing(scenario: Scenario) -> None:
+    """Tansu delivers an aborted transaction's records to read_committed readers, then the replay
+    sends the same messages again (ADR 0011): every copy after the first is dropped."""
+    cluster = LocalCluster(teams_of(scenario.events), partitions=4, personless_teams=scenario.opted_out_teams)
+    cluster.duplicate_inbox = True
+    for event in scenario.events:
+        cluster.send(event)
+        cluster.run()
+    model = PersonsModel(opted_out_teams=scenario.opted_out_teams)
+    results = [model.process(e) for e in scenario.events]
+    assert_same_tables(cluster.tables(), tables_from_model(model, results, scenario.events))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_concurrent_merges_with_every_inbox_message_twice_keep_the_invariants(seed: int) -> None:
+    events = _merge_heavy_events(seed)
+    cluster = LocalCluster([1], partitions=4)
+    cluster.duplicate_inbox = True
+    for event in events:
+        cluster.send(event)
+    cluster.run(random.Random(seed), max_steps=20_000)
+    tables = cluster.tables()
+    check_invariants(tables)
+    assert sorted(tables.events) == sorted(e.uuid for e in events)
+    assert cluster.pipeline.counts["duplicates"] > 0
