@@ -35,7 +35,7 @@ def raw_bytes(**overrides: Any) -> bytes:
 class FakeMessage:
     """The parts of a Kafka message a stage reads; for unit tests of pipelines."""
 
-    def __init__(self, value: bytes | None, key: bytes | None = b"k", topic: str = "events_raw", partition: int = 0, offset: int = 0, timestamp_ms: int = 1_790_000_000_000, headers=None):
+    def __init__(self, value: bytes | None, key: bytes | None = b"k", topic: str = "events_raw", partition: int = 0, offset: int = 0, timestamp_ms: int = 1_793_600_000_000, headers=None):
         self._value, self._key, self._topic, self._partition, self._offset = value, key, topic, partition, offset
         self._timestamp_ms, self._headers = timestamp_ms, headers
 

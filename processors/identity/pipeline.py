@@ -230,7 +230,10 @@ class _PartitionRun:
             value = orjson.dumps(to_event_row(ev, person))
         if len(value) > limit:
             self.counts["dead_letter"] += 1
+            topic, partition, offset = ev["src"].rsplit(":", 2)  # the message it came from
             headers = [("dlq_reason", b"event_row_too_large"), ("dlq_stage", STAGE.encode()),
+                       ("dlq_topic", topic.encode()), ("dlq_partition", partition.encode()),
+                       ("dlq_offset", offset.encode()),
                        ("dlq_detail", f"row of {len(value)} bytes; properties left out here".encode())]
             self.out.append(Record(self.topics.events_dead_letter, key, orjson.dumps({**ev, "p": {}}), headers))
             return

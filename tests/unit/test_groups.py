@@ -15,7 +15,7 @@ from tests.identity_harness import LocalCluster, check_invariants, group_tables_
 from tests.reference.persons_model import Event
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-NOW_US = 1_790_000_000_000 * 1000  # the harness' broker timestamp, later than every event here
+NOW_US = 1_793_600_000_000 * 1000  # the harness' broker timestamp, later than every event here
 
 
 def us(dt: datetime) -> int:

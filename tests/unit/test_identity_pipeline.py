@@ -82,6 +82,8 @@ def test_an_event_row_over_the_message_limit_loses_person_properties_then_is_dea
         ("person_properties_dropped_from_event", "a"), ("person_properties_dropped_from_event", "b")]
     (dead,) = [r for r in records if r.topic == "x_events_dead_letter"]
     assert dict(dead.headers)["dlq_reason"] == b"event_row_too_large" and dead.key == b"7:b"
+    # its source coordinates, as every dead letter has (the table's key: copies never collapse)
+    assert [dict(dead.headers)[h] for h in ("dlq_topic", "dlq_partition", "dlq_offset")] == [b"x_events_raw", b"0", b"1"]
 
 
 def test_state_on_rocksdb_reads_its_writes_and_keeps_only_committed_ones(tmp_path):

@@ -11,7 +11,7 @@ TEAMS = {"phc_test": 7}
 
 
 def parse(value: bytes, offset: int = 0):
-    return parse_raw_event(value, TEAMS, topic="events_raw", partition=2, offset=offset, broker_timestamp_ms=1_790_000_000_000)
+    return parse_raw_event(value, TEAMS, topic="events_raw", partition=2, offset=offset, broker_timestamp_ms=1_793_600_000_000)
 
 
 def test_valid_event_is_parsed():
@@ -67,10 +67,19 @@ def test_invalid_timestamp_keeps_the_event_at_now_with_a_warning():
     assert [w.type for w in outcome.warnings] == ["ignored_invalid_timestamp"]
 
 
+def test_a_timestamp_more_than_23_hours_ahead_is_now_with_a_warning():
+    far = parse(raw_bytes(timestamp="2026-11-05T00:00:00Z", now="2026-11-02T00:00:00Z"))
+    assert isinstance(far, Ok)
+    assert far.value.timestamp_us == to_epoch_us("2026-11-02T00:00:00+00:00")
+    assert [(w.type, w.details["timestamp"]) for w in far.warnings] == [("event_timestamp_in_future", "2026-11-05T00:00:00Z")]
+    near = parse(raw_bytes(timestamp="2026-11-02T22:59:00Z", now="2026-11-02T00:00:00Z"))
+    assert near.value.timestamp_us == to_epoch_us("2026-11-02T22:59:00+00:00") and near.warnings == ()
+
+
 def test_missing_timestamp_and_now_fall_back_to_the_broker_time():
     outcome = parse(raw_bytes(timestamp=_MISSING))
     assert isinstance(outcome, Ok)
-    assert outcome.value.timestamp_us == 1_790_000_000_000 * 1000
+    assert outcome.value.timestamp_us == 1_793_600_000_000 * 1000
 
 
 def test_missing_uuid_is_derived_from_the_coordinates_so_replays_agree():

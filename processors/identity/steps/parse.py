@@ -7,8 +7,8 @@ carry no uuid) and broker timestamp (the fallback for ``now``). Output: ``Ok(Par
 Dead-letter reasons: ``invalid_json``, ``not_an_object``, ``missing_token``, ``unknown_token``,
 ``missing_distinct_id``, ``invalid_distinct_id``, ``missing_event``, ``invalid_uuid``,
 ``invalid_properties``, ``invalid_person_update``. Drop: ``distinct_id_too_long`` (warning
-``skipping_event_invalid_distinct_id``, as PostHog). Warning without drop: ``ignored_invalid_timestamp``
-(the event keeps ``now``).
+``skipping_event_invalid_distinct_id``, as PostHog). Warnings without drop: ``ignored_invalid_timestamp``
+and ``event_timestamp_in_future`` (more than 23 hours ahead of ``now``; the event keeps ``now``).
 
 Properties added as PostHog's ingestion adds them: ``$ip`` from the envelope's ``ip`` (the client
 address capture saw) when the event has no truthy ``$ip`` of its own, ``$sent_at`` from ``sent_at``.
@@ -28,6 +28,8 @@ from headwater.outcomes import DeadLetter, Drop, Ok, Warn
 from headwater.wire import MAX_DISTINCT_ID_CHARS, MAX_EVENT_NAME_CHARS, MESSAGE_NAMESPACE
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: A timestamp further ahead of ``now`` is replaced by ``now`` (capture's 23-hour future clamp).
+FUTURE_LIMIT_US = 23 * 3600 * 1_000_000
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -133,6 +135,12 @@ def parse_raw_event(
     if timestamp_us is None:
         timestamp_us = now_us
         warnings = (Warn("ignored_invalid_timestamp", {"timestamp": str(raw_ts)[:100]}),)
+    elif timestamp_us - now_us > FUTURE_LIMIT_US:
+        # capture clamps already; a producer writing to events_raw directly may not (PostHog's
+        # ingestion warned `event_timestamp_in_future` and used `now`)
+        warnings = (Warn("event_timestamp_in_future", {"timestamp": str(raw_ts)[:100], "now": str(doc.get("now"))[:100],
+                                                       "result": "now"}),)
+        timestamp_us = now_us
 
     if len(distinct_id) > MAX_DISTINCT_ID_CHARS:
         return Drop(
