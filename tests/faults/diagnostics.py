@@ -110,6 +110,9 @@ def dump(settings: Settings, deployment, reason: str, extra: str = "") -> str:
     lines += ["processes (None = running):", *(f"  {n}: {code}" for n, code in deployment.alive().items()), ""]
     lines += ["what was done:", *(f"  {e}" for e in deployment.events), ""]
     lines += offsets_report(settings, f"{prefix}headwater-identity", [names.events_raw, names.identity_inbox])
+    # the changelog is not consumed by the group (no committed offset) but read to a marker by
+    # every restore: an unresolved transaction on it stops a restore, and the worker with it
+    lines += offsets_report(settings, f"{prefix}headwater-identity", [names.identity_changelog])
     lines += offsets_report(settings, f"{prefix}headwater-sink", [
         names.events_enriched, names.persons, names.person_distinct_ids, names.groups, names.group_types,
         names.ingestion_warnings, names.events_dead_letter])

@@ -3,10 +3,13 @@
 ever if it aborts, whether the producer aborts it or a new owner of its transactional id fences
 it (a worker killed mid-batch).
 
-The second does not hold on Tansu 0.6: it moves the last stable offset past an aborted
+Two things do not hold on Tansu 0.6. First, it moves the last stable offset past an aborted
 transaction, but read_committed consumers still get its records. librdkafka drops aborted
 records only when the fetch response lists the aborted transactions, so Tansu's evidently list
-none. This is the root of the stall after a worker's kill -9 (docs/adr/0011-fault-tests.md).
+none. Second, a transaction is never timed out (``transaction.timeout.ms``): a dead producer's stays
+open, and holds back read_committed readers of each partition it wrote, until its transactional
+id is initialized again. Both are behind the stalls and wrong states after a worker's kill -9
+(docs/adr/0011-fault-tests.md).
 """
 
 from __future__ import annotations
@@ -88,3 +91,21 @@ def test_an_aborted_transaction_is_invisible_to_read_committed_consumers(kafka_b
     producer.produce(topic, b"committed-3", partition=0)
     producer.commit_transaction(30)
     assert read(kafka_bootstrap, topic, "read_committed") == ["committed-1", "committed-2", "committed-3"]
+
+
+@pytest.mark.xfail(strict=True, reason="Tansu 0.6 does not enforce transaction.timeout.ms: a dead producer's "
+                                       "transaction stays open until its transactional id is initialized again")
+def test_a_dead_producers_transaction_times_out(kafka_bootstrap, topic) -> None:
+    dead = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{topic}-dead",
+                     "transaction.timeout.ms": 1000})
+    dead.init_transactions(30)
+    dead.begin_transaction()
+    dead.produce(topic, b"never-committed", partition=0)
+    dead.flush(10)  # and never heard from again: a worker killed mid-batch whose partition nobody takes
+    live = transactional(kafka_bootstrap, f"{topic}-live")
+    live.begin_transaction()
+    live.produce(topic, b"committed-after", partition=0)
+    live.commit_transaction(30)
+    time.sleep(4)  # four times the dead one's timeout
+    assert read(kafka_bootstrap, topic, "read_committed") == ["committed-after"]
+
