@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,18 +62,6 @@ class Stage(Protocol):
 
 
 @dataclass
-class _Batch:
-    """One partition's batch between its produce and its commit."""
-
-    partition: int
-    messages: list[Message]
-    records: list[Record]
-    changelog: list[tuple[bytes, bytes | None]]
-    offsets: dict[tuple[str, int], int]
-    producer: Producer
-
-
-@dataclass
 class _Task:
     """What this worker holds for one partition number."""
 
@@ -110,7 +97,6 @@ class StageRunner:
         self.produced = 0
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
-        self._committer: ThreadPoolExecutor | None = None  # commits of several partitions at once
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # a merge is several inbox hops: do not let each wait for a full fetch
@@ -133,7 +119,9 @@ class StageRunner:
                 for m in messages:
                     if not self._is_error(m):
                         by_partition.setdefault(m.partition(), []).append(m)
-                self._process_batches(by_partition)
+                for partition, batch in sorted(by_partition.items()):
+                    if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
+                        self._process_in_transaction(partition, batch)
         finally:
             self.close()
 
@@ -244,35 +232,7 @@ class StageRunner:
         log.warning("%s: consumer error: %s", self.name, error)
         return True
 
-    def _process_batches(self, batches: dict[int, list[Message]]) -> None:
-        """Each partition's batch in its own transaction: all are processed and produced first, then
-        their commits run side by side (each waits for the broker; one after the other, the worker
-        spent about a third of its time waiting). Partitions lost to a fencing owner are skipped:
-        the rebalance follows."""
-        started = [prepared for partition, messages in sorted(batches.items()) if partition in self.tasks
-                   for prepared in [self._begin(partition, messages)] if prepared is not None]
-        if len(started) > 1:
-            if self._committer is None:
-                self._committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{self.name}-commit")
-            failures = list(self._committer.map(self._commit, started))
-        else:
-            failures = [self._commit(prepared) for prepared in started]
-        for batch, failure in zip(started, failures):
-            task = self.tasks[batch.partition]
-            if failure is not None:
-                task.state.rollback()
-                self._recover(batch.partition, failure, batch.offsets)
-                continue
-            task.state.commit(batch.changelog)
-            self.consumed += len(batch.messages)
-            self.produced += len(batch.records)
-            self.metrics.committed(batch.partition, batch.messages, batch.records)
-            if self.on_batch:
-                self.on_batch(len(batch.messages), len(batch.records))
-
-    def _begin(self, partition: int, messages: list[Message]) -> _Batch | None:
-        """Run the stage on one partition's batch and produce its outputs, changelog and offsets in
-        a transaction left open for ``_commit``; None if that failed (recovered already)."""
+    def _process_in_transaction(self, partition: int, messages: list[Message]) -> None:
         task = self.tasks[partition]
         records = self.stage.process_partition(partition, messages, task.state)
         changelog = task.state.pending() if self.changelog_topic else []
@@ -293,19 +253,17 @@ class StageRunner:
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),
             )
+            producer.commit_transaction()
         except KafkaException as exc:
             task.state.rollback()
             self._recover(partition, exc, offsets)
-            return None
-        return _Batch(partition, messages, records, changelog, offsets, producer)
-
-    @staticmethod
-    def _commit(batch: _Batch) -> KafkaException | None:
-        try:
-            batch.producer.commit_transaction()
-        except KafkaException as exc:
-            return exc
-        return None
+            return
+        task.state.commit(changelog)
+        self.consumed += len(messages)
+        self.produced += len(records)
+        self.metrics.committed(partition, messages, records)
+        if self.on_batch:
+            self.on_batch(len(messages), len(records))
 
     @staticmethod
     def _produce(producer: Producer, topic, key, value, headers, partition: int | None) -> None:
