@@ -213,16 +213,16 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def enriched_times(settings: Settings, timeout: float = 20) -> dict[str, float]:
+def enriched_times(settings: Settings, timeout: float = 20, isolation: str = "read_committed") -> dict[str, float]:
     """uuid -> when the identity stage produced its ``events_enriched`` row (the message's
-    create time, seconds), read_committed, the whole topic."""
+    create time, seconds), the whole topic."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from headwater.topics import TopicNames
 
     topic = TopicNames(settings.topic_prefix).events_enriched
     reader = Consumer(settings.kafka_config(**{"group.id": "faults-hops", "enable.auto.commit": False,
-                                               "isolation.level": "read_committed", "enable.partition.eof": True}))
+                                               "isolation.level": isolation, "enable.partition.eof": True}))
     out: dict[str, float] = {}
     try:
         partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
@@ -262,6 +262,40 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered))) - 1))]
+
+
+def wait_for_rows(deployment: "Deployment", clickhouse, db: str, team: int, messages: list[Message], timeout: float) -> None:
+    """Wait until every one of ``messages`` is a row; on timeout, the diagnostics name the missing
+    events by kind and distinct id (held by a merge? one partition?)."""
+    wanted = {m.uuid for m in messages}
+    seen: set[str] = set()
+
+    def done() -> bool:
+        nonlocal seen
+        if counts(clickhouse, db, team)[0] < len(wanted):
+            return False
+        seen = event_uuids(clickhouse, db, team)
+        return wanted <= seen
+
+    def missing() -> str:
+        got = event_uuids(clickhouse, db, team)
+        lost = [m for m in messages if m.uuid not in got]
+        by_kind: dict[str, int] = {}
+        for m in lost:
+            by_kind[m.kind] = by_kind.get(m.kind, 0) + 1
+        sample = "\n".join(f"  {m.kind} key={m.key.decode(errors='replace')} partition={m.partition} offset={m.offset} "
+                           f"uuid={m.uuid}" for m in lost[:40])
+        # did the identity stage emit them (the sink lost them), or not (held, or dropped)?
+        settings = deployment.settings
+        emitted = {isolation: len({m.uuid for m in lost} & set(enriched_times(settings, isolation=isolation)))
+                   for isolation in ("read_committed", "read_uncommitted")}
+        warned = clickhouse.query(
+            f"SELECT type, count() FROM {db}.ingestion_warnings WHERE event_uuid IN {{u:Array(String)}} GROUP BY type",
+            parameters={"u": [m.uuid for m in lost]}).result_rows
+        return (f"{len(lost)} of {len(messages)} events missing in ClickHouse, by kind {by_kind}; on events_enriched: "
+                f"{emitted}; their warnings: {warned}; the first:\n{sample}")
+
+    deployment.wait_or_diagnose(done, timeout, f"{len(wanted)} acknowledged events in ClickHouse", extra=missing)
 
 
 # -- processes --------------------------------------------------------------------------------

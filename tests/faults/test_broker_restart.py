@@ -19,7 +19,14 @@ import pytest
 from headwater.settings import Settings
 from tests.conftest import free_port, wait_until
 from tests.docker.conftest import docker_engine_reason
-from tests.faults.checks import Deployment, assert_exactly_once, assert_same_persons_and_groups, counts, reference
+from tests.faults.checks import (
+    Deployment,
+    assert_exactly_once,
+    assert_same_persons_and_groups,
+    counts,
+    reference,
+    wait_for_rows,
+)
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
 
@@ -97,8 +104,7 @@ def test_kill_9_of_the_kafka_broker_under_load_loses_nothing_acknowledged(
         gate.stop()
         acked = {m.uuid for m in load.acked_events()}
         assert not load.failed, f"{len(load.failed)} messages not acknowledged: {load.failed[0].error}"
-        deployment.wait_or_diagnose(lambda: counts(client, db, TEAM)[0] >= len(acked), by_mode(240, 360),
-                                    f"{len(acked)} acknowledged events in ClickHouse")
+        wait_for_rows(deployment, client, db, TEAM, load.acked_events(), by_mode(240, 360))
         assert_exactly_once(client, db, TEAM, acked)
         want = reference(load.messages, [TEAM], settings.partitions)
         assert_same_persons_and_groups(client, db, TEAM, want)

@@ -15,7 +15,14 @@ import pytest
 
 from headwater.settings import Settings
 from tests.conftest import ROOT, free_port, stop_process, wait_until
-from tests.faults.checks import Deployment, assert_exactly_once, assert_same_persons_and_groups, counts, reference
+from tests.faults.checks import (
+    Deployment,
+    assert_exactly_once,
+    assert_same_persons_and_groups,
+    counts,
+    reference,
+    wait_for_rows,
+)
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
 
@@ -96,8 +103,7 @@ def test_clickhouse_down_under_load_loses_and_duplicates_nothing(test_env, kafka
         gate.stop()
         acked = {m.uuid for m in load.acked_events()}
         assert not load.failed and len(acked) == len(load.messages)
-        deployment.wait_or_diagnose(lambda: counts(client, db, TEAM)[0] >= len(acked), by_mode(120, 180),
-                                    f"{len(acked)} acknowledged events in ClickHouse")
+        wait_for_rows(deployment, client, db, TEAM, load.acked_events(), by_mode(120, 180))
         assert_exactly_once(client, db, TEAM, acked)
         want = reference(load.messages, [TEAM], settings.partitions)
         assert_same_persons_and_groups(client, db, TEAM, want)

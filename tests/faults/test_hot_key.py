@@ -35,6 +35,7 @@ from tests.faults.checks import (
     latencies,
     percentile,
     reference,
+    wait_for_rows,
 )
 from tests.faults.conftest import FULL, by_mode
 from tests.faults.load import BASE_TS, TEAM, Gate, Load, Message, Mix, envelope
@@ -122,8 +123,7 @@ def test_a_hot_key_at_2000_per_second_raises_other_keys_p95_by_less_than_20_perc
     assert not normal.failed and not hot.failed
     everything = normal.messages + hot.messages
     acked = {m.uuid for m in everything if m.acked}
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(acked), by_mode(120, 180),
-                                f"{len(acked)} acknowledged events in ClickHouse")
+    wait_for_rows(deployment, clickhouse, db, TEAM, [m for m in everything if m.acked], by_mode(120, 180))
 
     latency = latencies(clickhouse, db, TEAM, normal.acked_events())
     side: dict[bool, list[float]] = {False: [], True: []}

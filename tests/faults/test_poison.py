@@ -31,6 +31,7 @@ from tests.faults.checks import (
     latencies,
     percentile,
     reference,
+    wait_for_rows,
 )
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Message, Mix
@@ -173,8 +174,7 @@ def test_one_percent_poison_is_dead_lettered_or_warned_and_stalls_nothing(deploy
     assert not load.failed
     poison = [m for m in load.messages if m.kind.startswith("poison:")]
     rows = {m.uuid for m in load.acked_events()}
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(rows), by_mode(120, 180),
-                                f"{len(rows)} event rows in ClickHouse")
+    wait_for_rows(deployment, clickhouse, db, TEAM, load.acked_events(), by_mode(120, 180))
 
     def all_landed() -> bool:
         return len(where_it_landed(clickhouse, db, poison)) == len(poison)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.checks import assert_exactly_once, assert_same_persons_and_groups, counts, reference
+from tests.faults.checks import assert_exactly_once, assert_same_persons_and_groups, counts, reference, wait_for_rows
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
 
@@ -51,8 +51,7 @@ def test_scaling_workers_1_2_3_1_under_load(deployment, settings, clickhouse, se
     gate.stop()
     acked = {m.uuid for m in load.acked_events()}
     assert not load.failed and len(acked) == len(load.messages)
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(acked), by_mode(120, 180),
-                                f"{len(acked)} acknowledged events in ClickHouse")
+    wait_for_rows(deployment, clickhouse, db, TEAM, load.acked_events(), by_mode(120, 180))
     assert_exactly_once(clickhouse, db, TEAM, acked)
     want = reference(load.messages, [TEAM], settings.partitions)
     assert_same_persons_and_groups(clickhouse, db, TEAM, want)
