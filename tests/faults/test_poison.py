@@ -7,7 +7,8 @@ offset, or by its uuid) or in ``ingestion_warnings`` with the reason its kind ca
 acknowledged good event is in ClickHouse exactly once; persons and groups equal the run without
 faults; and no partition stalled behind a bad message: the good events sent right after a poison
 message on its partition were processed (produce to their enriched row) less than 1 s later than
-those right before it (medians of 5 each; per kind, the median over its messages).
+those right before it (medians of 5 each; per kind, the median over its messages), beyond the
+p95 of the same figure around random good events (the machine's own noise).
 """
 
 from __future__ import annotations
@@ -238,4 +239,7 @@ def test_one_percent_poison_is_dead_lettered_or_warned_and_stalls_nothing(deploy
     assert_exactly_once(clickhouse, db, TEAM, rows)
     want = reference(load.messages, [TEAM], settings.partitions, max_message_bytes=MAX_MESSAGE_BYTES)
     assert_same_persons_and_groups(clickhouse, db, TEAM, want)
-    assert worst_kind[1] < STALL_S, f"partitions stalled behind poison of kind {worst_kind[0]}: {per_kind[worst_kind[0]]}"
+    # "because of a bad message": beyond what the same figure shows around ordinary events here
+    noise = max(0.0, percentile(control, 95))
+    assert worst_kind[1] < STALL_S + noise, \
+        f"partitions stalled behind poison of kind {worst_kind[0]}: {per_kind[worst_kind[0]]} (noise p95 {noise:.3f}s)"
