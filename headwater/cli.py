@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import faulthandler
 import logging
 import os
 import re
@@ -85,6 +86,9 @@ def _stop_event() -> threading.Event:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: a stuck component can be
+    # read without a debugger (the fault tests' diagnostics do it when py-spy is missing)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return stop
 
 
@@ -307,35 +311,18 @@ def migrate(
 @app.command()
 def worker(
     stage: str = typer.Argument(..., help="Stage to run: identity"),
-    worker_id: str = typer.Option("0", help="Stable id of this worker (its transactional id)."),
+    worker_id: str = typer.Option("0", help="Id of this worker, distinct per worker process: in its Kafka client ids and its local state folder (transactional ids are per partition)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one processor stage (scale out by starting more, each with its own --worker-id)."""
-    from processors.follower import TopicFollower
-    from processors.identity.group_table import GroupTable
-    from processors.identity.pipeline import IdentityPipeline
-    from processors.identity.steps.sessions import SessionRules
-    from processors.runtime import StageRunner
-
-    from .kafka_admin import co_partitioned_count
-    from .topics import TopicNames
+    from processors.identity.worker import identity_runner
 
     _logging(verbose)
     settings = _settings()
     if stage != "identity":
         typer.echo(f"unknown stage {stage!r}; stages: identity", err=True)
         raise typer.Exit(2)
-    names = TopicNames(settings.topic_prefix)
-    inputs = [names.events_raw, names.identity_inbox]
-    partitions = co_partitioned_count(settings, [*inputs, names.identity_changelog])
-    groups = GroupTable(names.group_types, names.groups)
-    sessions = SessionRules(timeout_us=settings.session_timeout_s * 1_000_000, max_length_us=settings.session_max_s * 1_000_000,
-                            lateness_us=settings.session_lateness_s * 1_000_000)
-    pipeline = IdentityPipeline(names, settings.team_by_token, partitions, settings.max_message_bytes,
-                                settings.personless_team_ids, groups, sessions)
-    follower = TopicFollower(settings, [names.group_types, names.groups], groups.apply, name="group-table")
-    runner = StageRunner(settings, name=stage, input_topics=inputs, stage=pipeline,
-                         changelog_topic=names.identity_changelog, worker_id=worker_id, followers=[follower])
+    runner = identity_runner(settings, worker_id)
     runner.run(_stop_event())
 
 

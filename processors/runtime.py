@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 #: Header of changelog records: the input offsets (``{topic: next offset}``) their batch commits.
 BATCH_HEADER = "hw-batch"
 
+#: Longest wait on any transactional call (the transaction timeout is the same): a broker that does
+#: not answer costs the partition a retry, never the worker's life (ADR 0002, "Bounded waits").
+TXN_TIMEOUT_S = 30.0
+
 
 def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str, int]) -> bool:
     """Whether the batch a changelog record came from committed: its input offsets are at or below
@@ -139,7 +143,10 @@ class StageRunner:
 
     # -- partitions -----------------------------------------------------------------------------
     def _producer(self, partition: int) -> Producer:
-        return Producer(self.settings.kafka_config(**{
+        return Producer(self._producer_config(partition))
+
+    def _producer_config(self, partition: int) -> dict:
+        return self.settings.kafka_config(**{
             "transactional.id": f"{self.group_id}-p{partition}",
             "transaction.timeout.ms": 30_000,
             "linger.ms": 5,
@@ -147,21 +154,31 @@ class StageRunner:
             "partitioner": "murmur2_random",  # Java's default: keys land where any client puts them
             "message.max.bytes": self.settings.max_message_bytes + 65_536,
             "client.id": f"{self.name}-{self.worker_id}-p{partition}",
-        }))
+        })
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = sorted({tp.partition for tp in partitions})
         log.info("%s: assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
         for number in numbers:
-            if number in self.tasks:
-                continue
-            producer = self._producer(number)
-            producer.init_transactions(30)  # fences the previous owner, aborts its open transaction
-            state_dir = self.settings.data_dir / "state" / self.group_id / f"w{self.worker_id}" / f"p{number}"
-            task = _Task(producer, PartitionState(state_dir if self.changelog_topic else None))
-            if self.changelog_topic:
-                self._restore(number, task)
-            self.tasks[number] = task
+            if number not in self.tasks:
+                self._open(number)
+
+    def _open(self, number: int) -> None:
+        producer = self._producer(number)
+        producer.init_transactions(TXN_TIMEOUT_S)  # fences the previous owner, aborts its open transaction
+        state_dir = self.settings.data_dir / "state" / self.group_id / f"w{self.worker_id}" / f"p{number}"
+        task = _Task(producer, PartitionState(state_dir if self.changelog_topic else None))
+        if self.changelog_topic:
+            self._restore(number, task)
+        self.tasks[number] = task
+
+    def _reopen(self, number: int) -> None:
+        """Take a partition over again, as a new owner would: a new producer (same transactional id,
+        so the old one and its unfinished transaction are fenced) and the state restored from the
+        changelog. For outcomes the worker cannot know (a commit that timed out may have landed)."""
+        task = self.tasks.pop(number)
+        task.state.close()
+        self._open(number)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
@@ -185,7 +202,7 @@ class StageRunner:
         token = uuid.uuid4().hex.encode()
         task.producer.begin_transaction()
         task.producer.produce(self.changelog_topic, token, RESTORE_MARKER_KEY, partition=partition, on_delivery=delivered)
-        task.producer.commit_transaction(30)
+        task.producer.commit_transaction(TXN_TIMEOUT_S)
         if not marker:
             raise RuntimeError(f"{self.name}: could not write the restore marker to {self.changelog_topic}[{partition}]")
         reader = Consumer(self.settings.kafka_config(**{
@@ -195,12 +212,22 @@ class StageRunner:
         committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(
             [TopicPartition(t, partition) for t in self.input_topics], timeout=30)}
         records = skipped = 0
+        position, progressed = -1, time.monotonic()
         try:
             done = False
             while not done:
-                for m in reader.consume(10_000, 0.2):
+                batch = reader.consume(10_000, 0.2)
+                if batch:
+                    progressed = time.monotonic()
+                elif time.monotonic() - progressed > TXN_TIMEOUT_S:  # say so; the marker's commit is certain
+                    log.warning("%s: restore of partition %d gets nothing past offset %d (marker at %d): an "
+                                "unresolved transaction on %s?", self.name, partition, position, marker[0],
+                                self.changelog_topic)
+                    progressed = time.monotonic()
+                for m in batch:
                     if m.error() is not None:
                         continue
+                    position = m.offset()
                     if m.offset() >= marker[0]:
                         done = True
                         break
@@ -243,6 +270,7 @@ class StageRunner:
         # each changelog record says which input offsets its batch commits: a restore skips those
         # of batches that never committed (Tansu delivers aborted records, ADR 0011)
         tag = [(BATCH_HEADER, orjson.dumps({t: o for (t, _), o in offsets.items()}))] if changelog else None
+        committing = False
         try:
             producer.begin_transaction()
             for record in records:
@@ -252,11 +280,13 @@ class StageRunner:
             producer.send_offsets_to_transaction(
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),
+                TXN_TIMEOUT_S,
             )
-            producer.commit_transaction()
+            committing = True
+            producer.commit_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
             task.state.rollback()
-            self._recover(partition, exc, offsets)
+            self._recover(partition, exc, offsets, committing)
             return
         task.state.commit(changelog)
         self.consumed += len(messages)
@@ -277,7 +307,8 @@ class StageRunner:
             except BufferError:
                 producer.poll(0.05)
 
-    def _recover(self, partition: int, exc: KafkaException, offsets: dict[tuple[str, int], int]) -> None:
+    def _recover(self, partition: int, exc: KafkaException, offsets: dict[tuple[str, int], int],
+                 committing: bool = False) -> None:
         error = exc.args[0]
         task = self.tasks[partition]
         if getattr(error, "fatal", lambda: False)():
@@ -285,10 +316,23 @@ class StageRunner:
             log.warning("%s: partition %d lost (%s); waiting for the rebalance", self.name, partition, error)
             self.tasks.pop(partition).state.close()
             return
+        if committing and not getattr(error, "txn_requires_abort", lambda: False)():
+            # the commit's outcome is unknown (timed out, or the broker's answer was lost): whatever
+            # landed is on the broker, so start over from there: the committed offsets and changelog
+            log.warning("%s: commit of partition %d did not complete (%s); taking the partition over again",
+                        self.name, partition, error)
+            self._reopen(partition)
+            self._rewind(offsets)
+            return
         if getattr(error, "txn_requires_abort", lambda: False)() or getattr(error, "retriable", lambda: False)():
             log.warning("%s: transaction of partition %d aborted (%s); the batch will be read again", self.name, partition, error)
             time.sleep(0.2)
-            task.producer.abort_transaction()
+            try:
+                task.producer.abort_transaction(TXN_TIMEOUT_S)
+            except KafkaException as abort_error:
+                log.warning("%s: abort of partition %d failed (%s); taking the partition over again",
+                            self.name, partition, abort_error)
+                self._reopen(partition)
             self._rewind(offsets)
             return
         raise exc

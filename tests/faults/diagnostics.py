@@ -15,7 +15,9 @@ processes and when, each live process's Python stacks with their local variables
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,7 +102,10 @@ def stacks(pid: int) -> str:
     try:
         return subprocess.run([py_spy, "dump", *LOCALS, "--pid", str(pid)], capture_output=True, text=True, timeout=20).stdout
     except Exception as exc:
-        return f"(py-spy dump failed: {exc!r})"
+        # every component prints its threads' stacks on SIGUSR1 (headwater/cli.py): into its log
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        return f"(py-spy dump failed: {exc!r}; SIGUSR1 sent: the stacks are in the process's log below)"
 
 
 def dump(settings: Settings, deployment, reason: str, extra: str = "") -> str:
