@@ -154,15 +154,26 @@ def demo(
     companies: int = typer.Option(20, min=1, help="Simulated customer companies."),
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write the HTML report [default: DATA_DIR/demo-report.html, i.e. .headwater/demo-report.html]."),
     keep_running: bool = typer.Option(False, help="Keep the stack up after the report."),
+    send_only: bool = typer.Option(
+        False, "--send-only",
+        help="Only send the simulated weeks to the configured Kafka (HEADWATER_KAFKA_BOOTSTRAP) and exit: no stack, "
+        "no report. For a pipeline that runs elsewhere, e.g. the demo service of docker compose. Exit 1 when an "
+        "event was not acknowledged.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the stack, simulate four weeks of a SaaS product, write an HTML report of the analyst's
     charts (drawn from ClickHouse queries) and print a short summary."""
-    from .demo import run_demo
+    from .demo import run_demo, send_demo_events
     from .status import run_until_stopped
 
     _logging(verbose)
     settings = _settings()
+    if send_only:
+        if report is not None or keep_running:
+            typer.echo("headwater demo: --send-only starts no stack and writes no report (drop --report, --keep-running)", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(send_demo_events(settings, users=users, companies=companies))
     stop = _stop_event()
     report_path = report if report is not None else Path(settings.data_dir) / "demo-report.html"
     with _running_stack("demo", settings) as stack:
@@ -306,6 +317,34 @@ def migrate(
     client = connect(settings.clickhouse)
     applied = apply_migrations(client, settings.clickhouse.database, settings.clickhouse_cluster)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing, schema is up to date"))
+
+
+@app.command()
+def manifests(
+    check: bool = typer.Option(
+        False, "--check", help="Write nothing; list the files that differ from what would be generated and exit 1 if any does."
+    ),
+) -> None:
+    """Regenerate the deploy files derived from the code, in this source checkout: the Strimzi
+    KafkaTopics of the topic declarations, the ClickHouse cluster schema of the migrations, and the
+    Grafana dashboard of the SQL cookbook (docs/adr/0014-deployment.md)."""
+    from .deploy import generated_files
+
+    try:
+        files = generated_files()
+    except FileNotFoundError as exc:
+        typer.echo(f"headwater manifests: {exc}", err=True)
+        raise typer.Exit(2) from None
+    stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    for path in stale:
+        if not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(files[path])
+        typer.echo(f"{'differs' if check else 'wrote'}  {path}")
+    if check and stale:
+        raise typer.Exit(1)
+    if not stale:
+        typer.echo("every generated file is up to date")
 
 
 @app.command()

@@ -209,6 +209,23 @@ def _send_workload(client: Client, *, users: int, companies: int, seed: int = 7,
     return work
 
 
+def send_demo_events(settings: Settings, *, users: int, companies: int) -> int:
+    """``headwater demo --send-only``: the simulated weeks sent to the configured Kafka, as the
+    first token of HEADWATER_TEAMS, for a pipeline that runs elsewhere (docker compose's demo
+    service). Returns the exit status: 0 when Kafka acknowledged every event, else 1."""
+    token = next(iter(settings.team_by_token))
+    typer.echo(f"demo: sending {DAYS} simulated days ({users} visitors, {companies} companies) to "
+               f"{settings.bootstrap_servers} as {token}...", err=True)
+    client = Client.from_settings(settings, token)
+    work = _send_workload(client, users=users, companies=companies)
+    unacknowledged = client.close()
+    failed = client.failed
+    typer.echo(f"demo: sent {work.events:,} events ({work.visitors:,} visitors, {work.signups:,} signups, "
+               f"{work.logins:,} logins on another device, {work.plan_changes:,} plan changes); "
+               f"failed {failed:,}, unacknowledged {unacknowledged:,}")
+    return 0 if failed == 0 and unacknowledged == 0 else 1
+
+
 def landed(ch, db: str, team_id: int, work: Workload, rows_before: int, dead_before: int) -> tuple[int, bool]:
     """How many of the workload's events are in ``db`` (rows or dead letters since the counts
     before it), and whether its merges and plans are too: every merged device's distinct id has
