@@ -1,11 +1,18 @@
 """Docker-only tests: real Apache Kafka and clickhouse-server through testcontainers / compose.
 They skip, with the reason, on machines without a Docker engine (like the development and CI
-machines of this project, where Tansu and chDB stand in)."""
+machines of this project, where Tansu and chDB stand in).
+
+Here the session's broker and ClickHouse (the ``kafka_bootstrap`` and ``clickhouse_url`` fixtures of
+tests/conftest.py) are containers, so the pipeline tests imported by the modules of this folder run
+unchanged against Apache Kafka and clickhouse-server: the same assertions, other servers."""
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
+
+from tests.docker.servers import clickhouse_container, kafka_container
 
 
 def docker_engine_reason() -> str | None:
@@ -27,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
             reason, checked = docker_engine_reason(), True
         if reason:
             item.add_marker(pytest.mark.skip(reason=f"needs Docker: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    with kafka_container() as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url() -> Iterator[str]:
+    with clickhouse_container() as url:
+        yield url
