@@ -103,7 +103,7 @@ def clickhouse_schema_yaml(target: KubernetesTarget = KUBERNETES) -> str:
     }
     header = (GENERATED_HEADER.format(source="sinks/clickhouse/migrations (ADR 0008's cluster mode)")
               + f"\nThe same as `headwater migrate --print --cluster {target.clickhouse_cluster}`: for review, or to "
-              "apply by hand;\nthe migrate Job (headwater.yaml) applies it with HEADWATER_CLICKHOUSE_CLUSTER.")
+              "apply by hand;\nthe migrate Job (migrate-job.yaml) applies it with HEADWATER_CLICKHOUSE_CLUSTER.")
     return yaml_documents([configmap], header)
 
 
@@ -308,7 +308,8 @@ def _emit(value: Any, indent: int) -> list[str]:
         for key, item in value.items():
             if isinstance(item, str) and "\n" in item:
                 out.append(f"{pad}{_key(key)}: |2" + ("+" if item.endswith("\n\n") else "" if item.endswith("\n") else "-"))
-                out += [f"{pad}  {line}" if line else "" for line in item.rstrip("\n").split("\n")]
+                body = item[:-1] if item.endswith("\n") else item
+                out += [f"{pad}  {line}" if line else "" for line in body.split("\n")]
             elif isinstance(item, (dict, list)) and item:
                 out.append(f"{pad}{_key(key)}:")
                 out += _emit(item, indent + 1)
