@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 KUBERNETES_DIR = ROOT / "deploy" / "kubernetes"
 GRAFANA_DIR = ROOT / "deploy" / "compose" / "grafana"
+JS_DIR = ROOT / "tests" / "js"
 KUBERNETES_VERSION = "1.30"  # the oldest minor version the manifests target (ADR 0014)
 IMAGE = "headwater"  # deploy/Dockerfile's image, in compose (headwater:local) and Kubernetes
 
@@ -330,9 +331,13 @@ def keda_errors(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not on PATH: KEDA's schema comes from npm (@kubernetes-models/keda in tests/js)")
-    if not (ROOT / "tests" / "js" / "node_modules" / "@kubernetes-models" / "keda").is_dir():
-        pytest.fail("@kubernetes-models/keda is not installed: run `npm ci --prefix tests/js` (.ci/run does)")
-    done = subprocess.run([node, "validate_keda.mjs"], cwd=ROOT / "tests" / "js", input=json.dumps(resources),
+    if not (JS_DIR / "node_modules" / "@kubernetes-models" / "keda").is_dir():  # as test_posthog_js does
+        npm = shutil.which("npm")
+        assert npm, "@kubernetes-models/keda is not installed and npm is missing: run `npm ci --prefix tests/js`"
+        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=JS_DIR,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"npm ci in tests/js failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+    done = subprocess.run([node, "validate_keda.mjs"], cwd=JS_DIR, input=json.dumps(resources),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
