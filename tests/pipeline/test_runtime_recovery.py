@@ -124,3 +124,75 @@ def test_a_commit_that_times_out_costs_a_takeover_not_the_batch(settings, caplog
     for i, anon, user in later:
         assert person[anon] == person[user], f"anon-{i} and user-{i} are no longer one person"
     assert len({person[user] for _, _, user in later}) == USERS
+
+
+class SwallowsCommits(Producer):
+    """A real transactional producer that, from its ``broken_at``-th commit on, aborts instead and
+    reports success: Tansu's answer after some takeovers, where nothing the transactional id writes
+    lands any more until the id is initialized again. Only the first such producer is broken."""
+
+    def __init__(self, config: dict, *, broken_at: int, broken: list[int]) -> None:
+        super().__init__(config)
+        self.calls, self.broken_at, self.broken = 0, broken_at, broken
+        self.mine = not broken
+        if self.mine:
+            broken.append(0)
+
+    def commit_transaction(self, *args):
+        self.calls += 1
+        if not self.mine or self.calls < self.broken_at:
+            return super().commit_transaction(*args)
+        self.broken[0] += 1
+        return super().abort_transaction(*args)
+
+
+def committed(settings, names: TopicNames) -> int:
+    reader = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}headwater-identity"}))
+    try:
+        return reader.committed([TopicPartition(names.events_raw, 0)], timeout=10)[0].offset
+    finally:
+        reader.close()
+
+
+def test_commits_that_report_success_but_never_land_are_noticed_and_redone(settings, caplog) -> None:
+    settings = settings.model_copy(update={"partitions": 1, "processor_batch_size": 20})
+    names = TopicNames(settings.topic_prefix)
+    ensure_topics(settings)
+    client = Client.from_settings(settings, "phc_test")
+    sent = []
+    for i in range(USERS):
+        sent += [client.capture(f"anon-{i}", "$pageview", {"n": n}) for n in range(3)]
+        sent.append(client.identify(f"user-{i}", {"plan": "pro", "i": i}, anon_distinct_id=f"anon-{i}"))
+    assert client.flush() == 0
+
+    broken: list[int] = []
+    runner = identity_runner(settings)
+    runner._producer = lambda number: SwallowsCommits(  # type: ignore[method-assign]
+        runner._producer_config(number), broken_at=4, broken=broken)
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            runner.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    caplog.set_level(logging.WARNING, logger="processors.runtime")
+    worker = threading.Thread(target=run, name="identity-0")
+    worker.start()
+    try:
+        wait_until(lambda: errors or committed(settings, names) >= len(sent), 90, interval=1,
+                   message="every raw event committed by the worker")
+        later = [(client.capture(f"anon-{i}", "after"), client.capture(f"user-{i}", "after")) for i in range(USERS)]
+        assert client.flush() == 0
+        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= {u for pair in later for u in pair},
+                   90, interval=1, message="the events after the takeover")
+    finally:
+        stop.set()
+        worker.join(60)
+        client.close()
+    assert not errors, f"the worker died: {errors!r}"
+    assert broken[0] >= 1 and runner.retaken == 1
+    assert any("have not landed" in r.getMessage() for r in caplog.records)
+    person = {r["uuid"]: r["person_id"] for r in enriched(settings, names)}
+    assert all(person[anon] == person[user] for anon, user in later), "a merge was lost with the swallowed batches"
