@@ -9,9 +9,6 @@ stages stay pure. Decisions (docs/adr/0002-stage-runtime.md, docs/adr/0001-ident
 - one transactional producer per partition, ``transactional.id = {group}-p{partition}``: whoever
   takes a partition over (after a rebalance, a crash, a restart) fences the previous owner and
   aborts its open transaction at once, instead of blocking readers until a timeout;
-- the partitions of one consumed batch commit side by side (a thread pool), and every 10 s the
-  worker checks that what it committed landed on the broker, taking its partitions over again when
-  not (Tansu can report success and leave a transaction unresolved);
 - state changes are applied to the local store only after the transaction commits; a new owner
   restores a partition's state from the changelog up to a marker it wrote itself (Tansu's end
   offsets cannot be trusted, ADR 0002).
@@ -24,7 +21,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,10 +41,6 @@ BATCH_HEADER = "hw-batch"
 #: Longest wait on any transactional call (the transaction timeout is the same): a broker that does
 #: not answer costs the partition a retry, never the worker's life (ADR 0002, "Bounded waits").
 TXN_TIMEOUT_S = 30.0
-
-#: How long a worker waits for records it knows are there before it resolves what holds them back:
-#: a transaction the broker left unresolved (Tansu, ADR 0011, "Unresolved transactions").
-STALL_S = 10.0
 
 
 def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str, int]) -> bool:
@@ -71,18 +63,6 @@ class Follower(Protocol):
 
 class Stage(Protocol):
     def process_partition(self, partition: int, messages: Sequence[Message], state: PartitionState) -> list[Record]: ...
-
-
-@dataclass
-class _Batch:
-    """One partition's batch between its produce and its commit."""
-
-    partition: int
-    messages: list[Message]
-    records: list[Record]
-    changelog: list[tuple[bytes, bytes | None]]
-    offsets: dict[tuple[str, int], int]
-    producer: Producer
 
 
 @dataclass
@@ -120,11 +100,7 @@ class StageRunner:
         self.consumed = 0
         self.produced = 0
         self.restored = 0
-        self.retaken = 0  # times the worker took its partitions over again (``_check_landed``)
-        self._sent_offsets: dict[tuple[str, int], int] = {}  # input offsets committed in transactions
-        self._landing: dict[tuple[str, int], int] = {}  # those of the last check, due on the broker
         self.tasks: dict[int, _Task] = {}
-        self._committer: ThreadPoolExecutor | None = None  # commits of several partitions at once
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # a merge is several inbox hops: do not let each wait for a full fetch
@@ -138,20 +114,18 @@ class StageRunner:
         log.info("%s: consuming %s as group %s", self.name, ",".join(self.input_topics), self.group_id)
         batch_size = self.settings.processor_batch_size
         timeout = self.settings.processor_batch_ms / 1000
-        checked = time.monotonic()
         try:
             while not stop.is_set():
                 for follower in self.followers:
                     follower.poll()
                 messages = self.consumer.consume(batch_size, timeout)
-                if time.monotonic() - checked > STALL_S:
-                    self._check_landed()
-                    checked = time.monotonic()
                 by_partition: dict[int, list[Message]] = {}
                 for m in messages:
                     if not self._is_error(m):
                         by_partition.setdefault(m.partition(), []).append(m)
-                self._process_batches(by_partition)
+                for partition, batch in sorted(by_partition.items()):
+                    if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
+                        self._process_in_transaction(partition, batch)
         finally:
             self.close()
 
@@ -164,9 +138,6 @@ class StageRunner:
             task.producer.flush(10)
             task.state.close()
         self.tasks.clear()
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-            self._committer = None
         for follower in self.followers:
             follower.close()
 
@@ -201,45 +172,6 @@ class StageRunner:
             self._restore(number, task)
         self.tasks[number] = task
 
-    def _reinitialized(self, number: int, producer: Producer) -> Producer:
-        """A new producer for the partition's transactional id. Initializing the id aborts whatever
-        transaction of it the broker still holds open: Tansu can leave one unresolved across a
-        takeover, and then read_committed readers of every partition it touched get nothing more."""
-        producer.flush(1)
-        fresh = self._producer(number)
-        fresh.init_transactions(TXN_TIMEOUT_S)
-        return fresh
-
-    def _check_landed(self) -> None:
-        """Every ``STALL_S``: the input offsets this worker committed in transactions at the last
-        check must be the broker's committed offsets by now. Tansu can answer a commit with success
-        and leave the transaction unresolved after a takeover; then nothing the worker writes
-        becomes visible, and no error ever says so. When that happens, every held partition is
-        taken over again (its transactional id initialized again, its state restored from what
-        did commit) and the input rewound to the broker's committed offsets."""
-        expected, self._landing = self._landing, dict(self._sent_offsets)
-        mine = [(t, p) for (t, p) in expected if p in self.tasks]
-        if not mine:
-            return
-        try:
-            found = self.consumer.committed([TopicPartition(t, p) for t, p in mine], timeout=10)
-        except KafkaException as exc:  # the broker is slow or away: the next check asks again
-            log.warning("%s: could not read the committed offsets (%s)", self.name, exc)
-            return
-        broker = {(tp.topic, tp.partition): tp.offset for tp in found}
-        short = {tp: (broker.get(tp, -1), expected[tp]) for tp in mine if broker.get(tp, -1) < expected[tp]}
-        if not short:
-            return
-        log.warning("%s: transactions committed %.0fs ago have not landed (committed offsets on the broker, "
-                    "expected): %s; taking partitions %s over again", self.name, STALL_S,
-                    {f"{t}[{p}]": v for (t, p), v in sorted(short.items())}, sorted(self.tasks))
-        for number in sorted(self.tasks):
-            self._reopen(number)
-        self._rewind({(tp.topic, tp.partition): 0 for tp in self.consumer.assignment()})
-        self._sent_offsets.clear()
-        self._landing = {}
-        self.retaken += 1
-
     def _reopen(self, number: int) -> None:
         """Take a partition over again, as a new owner would: a new producer (same transactional id,
         so the old one and its unfinished transaction are fenced) and the state restored from the
@@ -250,11 +182,7 @@ class StageRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
-        numbers = {tp.partition for tp in partitions}
-        for held in (self._sent_offsets, self._landing):
-            for tp in [tp for tp in held if tp[1] in numbers]:
-                del held[tp]
-        for number in numbers:
+        for number in {tp.partition for tp in partitions}:
             task = self.tasks.pop(number, None)
             if task is not None:
                 task.producer.flush(10)
@@ -291,11 +219,10 @@ class StageRunner:
                 batch = reader.consume(10_000, 0.2)
                 if batch:
                     progressed = time.monotonic()
-                elif time.monotonic() - progressed > STALL_S:  # the marker's commit is certain: stuck
+                elif time.monotonic() - progressed > TXN_TIMEOUT_S:  # say so; the marker's commit is certain
                     log.warning("%s: restore of partition %d gets nothing past offset %d (marker at %d): an "
-                                "unresolved transaction on %s; initializing the transactional id again",
-                                self.name, partition, position, marker[0], self.changelog_topic)
-                    task.producer = self._reinitialized(partition, task.producer)
+                                "unresolved transaction on %s?", self.name, partition, position, marker[0],
+                                self.changelog_topic)
                     progressed = time.monotonic()
                 for m in batch:
                     if m.error() is not None:
@@ -332,36 +259,7 @@ class StageRunner:
         log.warning("%s: consumer error: %s", self.name, error)
         return True
 
-    def _process_batches(self, batches: dict[int, list[Message]]) -> None:
-        """Each partition's batch in its own transaction. All are processed and produced first,
-        then their commits run side by side: one after the other, the worker waited on the broker
-        for a third of its time. Partitions lost to a fencing owner are skipped until the
-        rebalance that follows."""
-        started = [batch for partition, messages in sorted(batches.items()) if partition in self.tasks
-                   for batch in [self._begin(partition, messages)] if batch is not None]
-        if len(started) > 1:
-            if self._committer is None:
-                self._committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{self.name}-commit")
-            failures = list(self._committer.map(self._commit, started))
-        else:
-            failures = [self._commit(batch) for batch in started]
-        for batch, failure in zip(started, failures):
-            task = self.tasks[batch.partition]
-            if failure is not None:
-                task.state.rollback()
-                self._recover(batch.partition, failure, batch.offsets, committing=True)
-                continue
-            task.state.commit(batch.changelog)
-            self._sent_offsets.update(batch.offsets)
-            self.consumed += len(batch.messages)
-            self.produced += len(batch.records)
-            self.metrics.committed(batch.partition, batch.messages, batch.records)
-            if self.on_batch:
-                self.on_batch(len(batch.messages), len(batch.records))
-
-    def _begin(self, partition: int, messages: list[Message]) -> _Batch | None:
-        """Run the stage on one partition's batch; produce its outputs, changelog records and input
-        offsets in a transaction left open for ``_commit``. None if that failed (and was recovered)."""
+    def _process_in_transaction(self, partition: int, messages: list[Message]) -> None:
         task = self.tasks[partition]
         records = self.stage.process_partition(partition, messages, task.state)
         changelog = task.state.pending() if self.changelog_topic else []
@@ -372,6 +270,7 @@ class StageRunner:
         # each changelog record says which input offsets its batch commits: a restore skips those
         # of batches that never committed (Tansu delivers aborted records, ADR 0011)
         tag = [(BATCH_HEADER, orjson.dumps({t: o for (t, _), o in offsets.items()}))] if changelog else None
+        committing = False
         try:
             producer.begin_transaction()
             for record in records:
@@ -383,19 +282,18 @@ class StageRunner:
                 self.consumer.consumer_group_metadata(),
                 TXN_TIMEOUT_S,
             )
+            committing = True
+            producer.commit_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
             task.state.rollback()
-            self._recover(partition, exc, offsets)
-            return None
-        return _Batch(partition, messages, records, changelog, offsets, producer)
-
-    @staticmethod
-    def _commit(batch: _Batch) -> KafkaException | None:
-        try:
-            batch.producer.commit_transaction(TXN_TIMEOUT_S)
-        except KafkaException as exc:
-            return exc
-        return None
+            self._recover(partition, exc, offsets, committing)
+            return
+        task.state.commit(changelog)
+        self.consumed += len(messages)
+        self.produced += len(records)
+        self.metrics.committed(partition, messages, records)
+        if self.on_batch:
+            self.on_batch(len(messages), len(records))
 
     @staticmethod
     def _produce(producer: Producer, topic, key, value, headers, partition: int | None) -> None:
