@@ -311,12 +311,13 @@ class StageRunner:
                  committing: bool = False) -> None:
         error = exc.args[0]
         task = self.tasks[partition]
+        requires_abort = getattr(error, "txn_requires_abort", lambda: False)()
         if getattr(error, "fatal", lambda: False)():
             # fenced: another worker owns this partition now; forget it until a rebalance says otherwise
             log.warning("%s: partition %d lost (%s); waiting for the rebalance", self.name, partition, error)
             self.tasks.pop(partition).state.close()
             return
-        if committing and not getattr(error, "txn_requires_abort", lambda: False)():
+        if committing and not requires_abort:
             # the commit's outcome is unknown (timed out, or the broker's answer was lost): whatever
             # landed is on the broker, so start over from there: the committed offsets and changelog
             log.warning("%s: commit of partition %d did not complete (%s); taking the partition over again",
@@ -324,7 +325,7 @@ class StageRunner:
             self._reopen(partition)
             self._rewind(offsets)
             return
-        if getattr(error, "txn_requires_abort", lambda: False)() or getattr(error, "retriable", lambda: False)():
+        if requires_abort or getattr(error, "retriable", lambda: False)():
             log.warning("%s: transaction of partition %d aborted (%s); the batch will be read again", self.name, partition, error)
             time.sleep(0.2)
             try:
