@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         default=6000,
         ge=1000,
         description="Consumer-group session timeout; Tansu's first assignment takes about half of it.",
+    )
+    kafka_isolation_level: Literal["auto", "read_committed", "read_uncommitted"] = Field(
+        default="auto",
+        description="How the workers, the sink and restores read transactional topics. auto: read_committed "
+        "on a configured cluster, read_uncommitted on the embedded Tansu broker, whose read_committed "
+        "filters no aborted records and can stall behind a transaction it never resolves (ADR 0015).",
     )
     topic_prefix: str = ""
     partitions: int = Field(default=4, ge=1, le=1024)
@@ -191,6 +197,13 @@ class Settings(BaseSettings):
         return self.clickhouse_url is None
 
     @property
+    def isolation_level(self) -> str:
+        """The ``isolation.level`` of every consumer of transactional topics (ADR 0015)."""
+        if self.kafka_isolation_level != "auto":
+            return self.kafka_isolation_level
+        return "read_uncommitted" if self.embedded_kafka else "read_committed"
+
+    @property
     def bootstrap_servers(self) -> str:
         return self.kafka_bootstrap or f"{EMBEDDED_HOST}:{self.embedded_kafka_port}"
 
@@ -233,7 +246,7 @@ class Settings(BaseSettings):
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
+                "isolation.level": self.isolation_level,
                 "session.timeout.ms": self.kafka_session_timeout_ms,
                 "heartbeat.interval.ms": max(100, self.kafka_session_timeout_ms // 4),
                 "enable.partition.eof": False,

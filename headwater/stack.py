@@ -106,7 +106,9 @@ class LocalStack:
                 [sys.executable, "-m", "headwater.embedded.clickhouse_http", "--data-dir", str(chdb_dir), "--host", EMBEDDED_HOST, "--port", str(port)],
             )
             _wait_for_clickhouse(f"http://{EMBEDDED_HOST}:{port}", 60)
-        self.child_env = {"HEADWATER_KAFKA_BOOTSTRAP": s.bootstrap_servers}
+        # the children see a configured broker: tell them how to read it (ADR 0015)
+        self.child_env = {"HEADWATER_KAFKA_BOOTSTRAP": s.bootstrap_servers,
+                          "HEADWATER_KAFKA_ISOLATION_LEVEL": s.isolation_level}
         if s.embedded_clickhouse:
             self.child_env["HEADWATER_CLICKHOUSE_URL"] = f"http://{EMBEDDED_HOST}:{s.embedded_clickhouse_port}/{s.clickhouse_database}"
         for status in ensure_topics(s):

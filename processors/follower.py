@@ -30,7 +30,7 @@ class TopicFollower:
         self.applied = 0
         self.consumer = Consumer(settings.kafka_config(**{
             "group.id": f"{settings.topic_prefix}headwater-{name}-{uuid.uuid4().hex[:8]}",  # never joins: assign()
-            "enable.auto.commit": False, "isolation.level": "read_committed",
+            "enable.auto.commit": False, "isolation.level": settings.isolation_level,
             "enable.partition.eof": False, "fetch.wait.max.ms": 10}))
 
     def start(self, timeout: float = 30.0) -> None:

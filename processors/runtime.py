@@ -31,7 +31,7 @@ from headwater import metrics
 from headwater.settings import Settings
 
 from .outputs import Record
-from .state import RESTORE_MARKER_KEY, PartitionState
+from .state import PROGRESS_KEY, RESTORE_MARKER_KEY, PartitionState
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,11 @@ class StageRunner:
         task.producer.commit_transaction(TXN_TIMEOUT_S)
         if not marker:
             raise RuntimeError(f"{self.name}: could not write the restore marker to {self.changelog_topic}[{partition}]")
+        # read_committed on a broker that resolves transactions; on Tansu read_uncommitted, as the
+        # stage reads (ADR 0015): the batch header below tells committed records either way
         reader = Consumer(self.settings.kafka_config(**{
             "group.id": f"{self.group_id}-restore", "enable.auto.commit": False,
-            "isolation.level": "read_committed", "enable.partition.eof": False}))
+            "isolation.level": self.settings.isolation_level, "enable.partition.eof": False}))
         reader.assign([TopicPartition(self.changelog_topic, partition, OFFSET_BEGINNING)])
         committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(
             [TopicPartition(t, partition) for t in self.input_topics], timeout=30)}
@@ -231,7 +233,7 @@ class StageRunner:
                     if m.offset() >= marker[0]:
                         done = True
                         break
-                    if m.key() == RESTORE_MARKER_KEY:
+                    if m.key() in (RESTORE_MARKER_KEY, PROGRESS_KEY):
                         continue
                     if not batch_committed(m.headers(), committed):
                         skipped += 1
@@ -277,6 +279,9 @@ class StageRunner:
                 self._produce(producer, record.topic, record.key, record.value, record.headers, record.partition)
             for key, value in changelog:
                 self._produce(producer, self.changelog_topic, key, value, tag, partition)
+            if not records and not changelog and self.changelog_topic:
+                # Tansu 0.6 commits no offsets for a transaction that produced nothing (ADR 0015)
+                self._produce(producer, self.changelog_topic, PROGRESS_KEY, b"", None, partition)
             producer.send_offsets_to_transaction(
                 [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),

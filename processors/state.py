@@ -22,6 +22,10 @@ import orjson
 #: The key of the marker a new owner writes to a changelog partition before restoring it.
 RESTORE_MARKER_KEY = b"__restore_marker__"
 
+#: The key of the record a batch with no other output writes to its changelog partition: Tansu 0.6
+#: drops the offsets of a transaction that produced nothing (ADR 0015). Not state: restores skip it.
+PROGRESS_KEY = b"__progress__"
+
 
 #: RocksDB memory per worker process (ADR 0001, memory target of DESIGN §7): memtables of 4 MB
 #: (RocksDB's default is 64 MB each, per partition) and one block cache shared by the process's

@@ -66,6 +66,13 @@ def kafka_bootstrap(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def kafka_isolation_level() -> str:
+    """How the deployment under test reads transactional topics: read_uncommitted on the session's
+    Tansu broker, as the embedded stack does (ADR 0015); tests/docker overrides it for Apache Kafka."""
+    return "read_uncommitted"
+
+
+@pytest.fixture(scope="session")
 def clickhouse_url(tmp_path_factory) -> Iterator[str]:
     port = free_port()
     data_dir = tmp_path_factory.mktemp("chdb")
@@ -95,12 +102,13 @@ def clickhouse_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
-def test_env(kafka_bootstrap: str, clickhouse_url: str, tmp_path: Path) -> dict[str, str]:
+def test_env(kafka_bootstrap: str, kafka_isolation_level: str, clickhouse_url: str, tmp_path: Path) -> dict[str, str]:
     """HEADWATER_* variables of a fresh, isolated deployment: own topics, own database."""
     n = next(_counter)
     stamp = f"{os.getpid()}_{n}"
     return {
         "HEADWATER_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "HEADWATER_KAFKA_ISOLATION_LEVEL": kafka_isolation_level,
         "HEADWATER_CLICKHOUSE_URL": f"{clickhouse_url}/test_{stamp}",
         "HEADWATER_TOPIC_PREFIX": f"t{stamp}_",
         "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "1000",

@@ -43,6 +43,11 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def kafka_isolation_level() -> str:
+    return "read_committed"  # Apache Kafka resolves and filters transactions (ADR 0015)
+
+
+@pytest.fixture(scope="session")
 def clickhouse_url() -> Iterator[str]:
     with clickhouse_container() as url:
         yield url

@@ -69,7 +69,8 @@ def test_kill_9_of_the_kafka_broker_under_load_loses_nothing_acknowledged(
     from sinks.clickhouse.migrate import apply_migrations
 
     bootstrap = kafka_container.get_bootstrap_server()
-    env = {**test_env, "HEADWATER_KAFKA_BOOTSTRAP": bootstrap, "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    env = {**test_env, "HEADWATER_KAFKA_BOOTSTRAP": bootstrap, "HEADWATER_KAFKA_ISOLATION_LEVEL": "read_committed",
+           "HEADWATER_KAFKA_SESSION_TIMEOUT_MS": "6000"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()

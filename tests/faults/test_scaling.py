@@ -18,11 +18,6 @@ STEP_S = by_mode(6, 20)
 RATE = by_mode(250, 300)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 8): on Tansu, after scaling back to one worker, that worker's commits can report success and "
-    "never land (an unresolved transaction on every output partition; ADR 0011). Rare with commits one after "
-    "another, common with side-by-side commits (reverted). diagnostics.txt in the test's tmp_path has the "
-    "offsets and stacks"))
 def test_scaling_workers_1_2_3_1_under_load(deployment, settings, clickhouse, seed) -> None:
     db = settings.clickhouse.database
     mix = Mix(seed)

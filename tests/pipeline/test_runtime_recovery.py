@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from headwater.kafka_admin import ensure_topics
 from headwater.topics import TopicNames
 from processors.identity.worker import identity_runner
+from processors.runtime import BATCH_HEADER
 from producers.backend import Client
 from tests.conftest import wait_until
 
@@ -48,9 +49,9 @@ class CommitTimesOut(Producer):
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "commit timed out (test)", retriable=True))
 
 
-def enriched(settings, names: TopicNames) -> list[dict]:
+def enriched(settings, names: TopicNames, isolation: str = "read_committed") -> list[dict]:
     reader = Consumer(settings.kafka_config(**{"group.id": "test-reader", "enable.auto.commit": False,
-                                                "isolation.level": "read_committed", "enable.partition.eof": True}))
+                                                "isolation.level": isolation, "enable.partition.eof": True}))
     reader.assign([TopicPartition(names.events_enriched, 0, 0)])
     rows, eof = [], False
     try:
@@ -125,3 +126,71 @@ def test_a_commit_that_times_out_costs_a_takeover_not_the_batch(settings, caplog
         assert person[anon] == person[user], f"anon-{i} and user-{i} are no longer one person"
     assert len({person[user] for _, _, user in later}) == USERS
 
+
+
+def test_a_transaction_the_broker_never_resolves_stalls_neither_restore_nor_stage(settings, caplog) -> None:
+    """Tansu can leave a transaction unresolved for good: seen after a kill -9 of a worker, when the
+    next owner's restore waited forever behind it (ADR 0015). Here a producer with another
+    transactional id, left open, stands in for it: it wrote to the changelog and the inbox, as a
+    killed worker's batch does, and is never committed, aborted or fenced. A new owner must restore
+    past it, without its record (its batch never committed), and go on processing."""
+    settings = settings.model_copy(update={"partitions": 1, "processor_batch_size": 50})
+    names = TopicNames(settings.topic_prefix)
+    ensure_topics(settings)
+    client = Client.from_settings(settings, "phc_test")
+    first = []
+    for i in range(10):
+        first.append(client.capture(f"anon-{i}", "$pageview"))
+        first.append(client.identify(f"user-{i}", {"i": i}, anon_distinct_id=f"anon-{i}"))
+    assert client.flush() == 0
+
+    def running(runner, stop: threading.Event, errors: list) -> threading.Thread:
+        def run() -> None:
+            try:
+                runner.run(stop)
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+        thread = threading.Thread(target=run, name="identity")
+        thread.start()
+        return thread
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    worker = running(identity_runner(settings), stop, errors)
+    try:
+        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= set(first), 120,
+                   interval=1, message="the first events enriched")
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not errors, f"the worker died: {errors!r}"
+
+    zombie = Producer(settings.kafka_config(**{"transactional.id": f"{settings.topic_prefix}zombie", "linger.ms": 0}))
+    zombie.init_transactions(30)
+    zombie.begin_transaction()
+    never = orjson.dumps({names.events_raw: 10**9, names.identity_inbox: 10**9})  # a batch that never committed
+    zombie.produce(names.identity_changelog, b'{"zombie": true}', b"zombie-key", partition=0, headers=[(BATCH_HEADER, never)])
+    zombie.produce(names.identity_inbox, b"{}", b"7:zombie", partition=0)
+    assert zombie.flush(10) == 0  # and nothing more: open for good on Tansu
+    later = [(i, client.capture(f"anon-{i}", "after"), client.capture(f"user-{i}", "after")) for i in range(10)]
+    assert client.flush() == 0
+
+    caplog.set_level(logging.INFO, logger="processors.runtime")
+    runner = identity_runner(settings)  # the next owner: restores the changelog, then reads on
+    stop = threading.Event()
+    worker = running(runner, stop, errors)
+    isolation = settings.isolation_level
+    try:
+        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names, isolation)}
+                   >= {u for _, a, b in later for u in (a, b)}, 90, interval=1, message="the events after the restart")
+        assert runner.tasks[0].state.get("zombie-key") is None, "the open transaction's changelog record was restored"
+    finally:
+        stop.set()
+        worker.join(60)
+        client.close()
+        zombie.abort_transaction(30)
+    assert not errors, f"the worker died: {errors!r}"
+    assert any("restored partition 0" in r.getMessage() for r in caplog.records)
+    person = {r["uuid"]: r["person_id"] for r in enriched(settings, names, isolation)}
+    for i, anon, user in later:
+        assert person[anon] == person[user], f"anon-{i} and user-{i} are no longer one person after the restore"

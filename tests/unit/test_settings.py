@@ -61,3 +61,16 @@ def test_personless_teams_are_team_ids(monkeypatch):
     monkeypatch.setenv("HEADWATER_PERSONLESS_TEAMS", "acme")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_consumers_read_uncommitted_on_the_embedded_broker_and_committed_on_a_cluster(monkeypatch):
+    monkeypatch.delenv("HEADWATER_KAFKA_ISOLATION_LEVEL", raising=False)
+    monkeypatch.delenv("HEADWATER_KAFKA_BOOTSTRAP", raising=False)
+    assert Settings().consumer_config("g")["isolation.level"] == "read_uncommitted"  # Tansu: ADR 0015
+    monkeypatch.setenv("HEADWATER_KAFKA_BOOTSTRAP", "kafka:29092")
+    assert Settings().consumer_config("g")["isolation.level"] == "read_committed"
+    monkeypatch.setenv("HEADWATER_KAFKA_ISOLATION_LEVEL", "read_uncommitted")  # a Tansu the stack did not start
+    assert Settings().isolation_level == "read_uncommitted"
+    monkeypatch.setenv("HEADWATER_KAFKA_ISOLATION_LEVEL", "read_dirty")
+    with pytest.raises(ValidationError):
+        Settings()

@@ -1,0 +1,85 @@
+"""The stage runtime's commits on the real broker: a batch that produces nothing still commits its
+input offsets, and a restore rebuilds exactly the state of committed batches.
+
+Tansu 0.6 drops the offsets of a transaction that produced no record (``send_offsets_to_transaction``
+then ``commit_transaction`` answers success, and the group's offsets stay where they were; ADR
+0015). A stage that consumes messages without output (duplicates it drops, messages that only
+confirm) would then be read again after every restart, and its lag would never reach 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from processors.runtime import StageRunner
+from processors.state import PartitionState
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.pipeline, pytest.mark.timeout(180)]
+
+
+class Counter:
+    """Counts ``count`` messages in its state and produces nothing for the others."""
+
+    def process_partition(self, partition: int, messages: Sequence, state: PartitionState) -> list:
+        for m in messages:
+            if m.value() == b"count":
+                state.put("n", (state.get("n") or 0) + 1)
+        return []
+
+
+def committed(settings, group: str, topic: str) -> int:
+    reader = Consumer(settings.consumer_config(group))
+    try:
+        return reader.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        reader.close()
+
+
+def run_until(runner: StageRunner, condition, message: str) -> None:
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            runner.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, name="counter")
+    worker.start()
+    try:
+        wait_until(lambda: errors or condition(), 90, interval=0.5, message=message)
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not errors, f"the runner died: {errors!r}"
+
+
+def test_batches_without_output_commit_their_offsets_and_restores_skip_their_records(settings) -> None:
+    settings = settings.model_copy(update={"processor_batch_size": 5})
+    source, changelog = f"{settings.topic_prefix}counted", f"{settings.topic_prefix}counted_changelog"
+    admin = AdminClient(settings.kafka_config())
+    for future in admin.create_topics([NewTopic(source, 1, 1), NewTopic(changelog, 1, 1)]).values():
+        future.result(10)
+    producer = Producer(settings.kafka_config())
+    values = [b"count", b"count", b"count"] + [b"skip"] * 17  # batches 2 to 4 produce nothing at all
+    for value in values:
+        producer.produce(source, value, partition=0)
+    assert producer.flush(10) == 0
+
+    runner = StageRunner(settings, name="counter", input_topics=[source], stage=Counter(), changelog_topic=changelog)
+    run_until(runner, lambda: committed(settings, runner.group_id, source) == len(values),
+              "every input offset committed, those of batches without output too")
+
+    # a new owner restores the count, and nothing from the records of batches without output
+    runner = StageRunner(settings, name="counter", input_topics=[source], stage=Counter(), changelog_topic=changelog)
+    restored: list = []
+    run_until(runner, lambda: 0 in runner.tasks and restored.append(runner.tasks[0].state.get("n")) is None,
+              "the partition restored")
+    assert restored[0] == 3
+    assert runner.restored == 1  # one changelog record of state (n = 3, the first batch's), the rest skipped
