@@ -384,6 +384,9 @@ class ClickHouseSink:
         self.buffered = 0  # messages in self.buffers
         self.held = False  # partitions paused because the writer is behind
         self.failing = False
+        self.uncommitted: dict[tuple[str, int], TopicPartition] = {}  # written, commit refused so far
+        self.commit_retry_at = 0.0
+        self.commit_failures = 0
         self.insert_settings: dict[str, Any] = {"async_insert": 0}
         self.lookup_settings: dict[str, Any] = {}
         if settings.clickhouse_cluster:
@@ -451,10 +454,9 @@ class ClickHouseSink:
                     if key in self.assigned:
                         self.intents[key] = intent
             else:
-                commits = [tp for tp in job.result() if (tp.topic, tp.partition) in self.assigned]
-                if commits:
-                    self.consumer.commit(offsets=commits, asynchronous=False)
-                    self.metrics.committed(commits)  # lag: on this thread, the consumer's own
+                self._commit(job.result())
+        elif self.uncommitted and time.monotonic() >= self.commit_retry_at:
+            self._commit([])
         if self.held:  # the writer is free again
             self.consumer.resume(self.consumer.assignment())
             self.held = False
@@ -470,6 +472,32 @@ class ClickHouseSink:
         batches = self._batches(due)
         if batches:
             self.inflight = ("write", self.writer.submit(self._write_batches, batches))
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        """Commit what was written, with any earlier commit that failed. A commit the group refuses
+        for now (no coordinator, a rebalance under way, a broker restarting) is tried again a
+        second later and with every later commit; if the partition changes hands meanwhile, its
+        next owner writes the range again and ClickHouse refuses the repeat (ADR 0007)."""
+        for tp in offsets:
+            key = (tp.topic, tp.partition)
+            if key not in self.uncommitted or self.uncommitted[key].offset < tp.offset:
+                self.uncommitted[key] = tp
+        commits = [tp for key, tp in self.uncommitted.items() if key in self.assigned]
+        self.uncommitted = {(tp.topic, tp.partition): tp for tp in commits}
+        if not commits:
+            return
+        try:
+            self.consumer.commit(offsets=commits, asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                raise
+            self.commit_failures += 1
+            self.commit_retry_at = time.monotonic() + 1.0
+            log.warning("sink: commit of %d partitions refused (%s); trying again", len(commits), error)
+            return
+        self.uncommitted = {}
+        self.metrics.committed(commits)  # lag: on this thread, the consumer's own
 
     def _due_keys(self, force: bool) -> list[tuple[str, int]]:
         now = time.monotonic()
@@ -714,6 +742,7 @@ class ClickHouseSink:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self.assigned.discard(key)
+            self.uncommitted.pop(key, None)  # the next owner writes the range again (ADR 0007)
             buffer = self.buffers.pop(key, None)
             if buffer is not None:
                 self.buffered -= len(buffer.messages)

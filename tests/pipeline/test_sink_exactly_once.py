@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from headwater.kafka_admin import ensure_topics
 from headwater.rows import EVENT_COLUMNS
@@ -159,6 +159,61 @@ def test_a_crash_between_the_insert_and_the_commit_leaves_no_duplicate(settings,
     assert counts(clickhouse, db) == (1000, 1000)
     assert second.batches_replayed >= 1
     assert second.duplicates_dropped == 0
+
+
+class CommitsRefused:
+    """A consumer whose first ``refusals`` commits the group refuses for now, as while a broker
+    restarts or the group rebalances (librdkafka: no coordinator yet)."""
+
+    def __init__(self, consumer: Consumer, refusals: int) -> None:
+        self._consumer = consumer
+        self.refusals = refusals
+        self.refused = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+    def commit(self, *args, **kwargs):
+        if self.refused < self.refusals:
+            self.refused += 1
+            raise KafkaException(KafkaError(KafkaError._WAIT_COORD, "no coordinator (test)", retriable=True))
+        return self._consumer.commit(*args, **kwargs)
+
+
+def test_a_refused_commit_is_tried_again_and_costs_no_row_nor_the_sink(settings, clickhouse):
+    """The sink used to die on the first commit error (seen when a broker restarted under it)."""
+    db = settings.clickhouse.database
+    ensure_topics(settings)
+    topic = TopicNames(settings.topic_prefix).events_enriched
+    producer = Producer(settings.kafka_config())
+    ends = Ends()
+    for i in range(500):
+        key, value = enriched(7, f"user-{i % 53}", str(uuid.uuid4()), i)
+        producer.produce(topic, value, key=key, on_delivery=ends)
+    assert producer.flush(30) == 0
+
+    sink = ClickHouseSink(settings.model_copy(update={"sink_batch_rows": 100, "sink_batch_ms": 100}),
+                          connect(settings.clickhouse, form_encode_query_params=True), worker_id="refused")
+    real_consumer = sink.consumer
+    sink.consumer = refusing = CommitsRefused(real_consumer, refusals=3)
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            sink.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="sink")
+    thread.start()
+    try:
+        wait_until(lambda: errors or all_committed(settings, ends), 60, message="every offset committed")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, f"the sink died: {errors!r}"
+    assert refusing.refused == 3 and sink.commit_failures == 3
+    assert counts(clickhouse, db) == (500, 500)
 
 
 def test_an_event_sent_again_in_another_batch_or_the_same_batch_is_one_row(settings, clickhouse):
