@@ -42,6 +42,10 @@ BATCH_HEADER = "hw-batch"
 #: not answer costs the partition a retry, never the worker's life (ADR 0002, "Bounded waits").
 TXN_TIMEOUT_S = 30.0
 
+#: How long a restore on Tansu waits behind a transaction before it takes it for one that never
+#: ends and reads on uncommitted (ADR 0015): deferred ones land within a few commits of others.
+RESTORE_STALL_S = 10.0
+
 
 def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str, int]) -> bool:
     """Whether the batch a changelog record came from committed: its input offsets are at or below
@@ -103,6 +107,9 @@ class StageRunner:
         self.tasks: dict[int, _Task] = {}
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
+                              # always: a stage must not act on an inbox request whose transaction
+                              # may still abort (its reply would come before the replayed request)
+                              "isolation.level": "read_committed",
                               # a merge is several inbox hops: do not let each wait for a full fetch
                               "fetch.wait.max.ms": 10}))
         self.metrics = metrics.watch_stage(self)  # per-batch counters, lag; the endpoint if configured
@@ -169,7 +176,11 @@ class StageRunner:
         state_dir = self.settings.data_dir / "state" / self.group_id / f"w{self.worker_id}" / f"p{number}"
         task = _Task(producer, PartitionState(state_dir if self.changelog_topic else None))
         if self.changelog_topic:
-            self._restore(number, task)
+            for _ in range(3):  # again if a batch's commit landed during the restore (ADR 0015)
+                if self._restore(number, task):
+                    break
+                task.state.close()
+                task = _Task(producer, PartitionState(state_dir))
         self.tasks[number] = task
 
     def _reopen(self, number: int) -> None:
@@ -188,9 +199,11 @@ class StageRunner:
                 task.producer.flush(10)
                 task.state.close()
 
-    def _restore(self, partition: int, task: _Task) -> None:
+    def _restore(self, partition: int, task: _Task) -> bool:
         """Rebuild the partition's state from its changelog, up to a marker written now: every
-        committed record before it is applied, whatever the broker says the end offset is."""
+        committed record before it is applied, whatever the broker says the end offset is. False
+        if the input's committed offsets moved meanwhile (a batch the broker had deferred landed;
+        ADR 0015): records it skipped may have committed since, so the caller restores again."""
         assert self.changelog_topic is not None
         started = time.monotonic()
         marker: list[int] = []
@@ -205,22 +218,36 @@ class StageRunner:
         task.producer.commit_transaction(TXN_TIMEOUT_S)
         if not marker:
             raise RuntimeError(f"{self.name}: could not write the restore marker to {self.changelog_topic}[{partition}]")
-        # read_committed on a broker that resolves transactions; on Tansu read_uncommitted, as the
-        # stage reads (ADR 0015): the batch header below tells committed records either way
-        reader = Consumer(self.settings.kafka_config(**{
-            "group.id": f"{self.group_id}-restore", "enable.auto.commit": False,
-            "isolation.level": self.settings.isolation_level, "enable.partition.eof": False}))
-        reader.assign([TopicPartition(self.changelog_topic, partition, OFFSET_BEGINNING)])
-        committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(
-            [TopicPartition(t, partition) for t in self.input_topics], timeout=30)}
+        def reader_from(offset: int, isolation: str) -> Consumer:
+            reader = Consumer(self.settings.kafka_config(**{
+                "group.id": f"{self.group_id}-restore", "enable.auto.commit": False,
+                "isolation.level": isolation, "enable.partition.eof": False}))
+            reader.assign([TopicPartition(self.changelog_topic, partition, offset)])
+            return reader
+
+        # read_committed: a transaction the broker deferred (Tansu, ADR 0015) is waited for, so its
+        # records count once it lands. On Tansu (isolation_level read_uncommitted) a wait longer
+        # than RESTORE_STALL_S is a transaction that never ends: read on uncommitted past it, the
+        # batch header below leaving out its records (its offsets never commit)
+        reader = reader_from(OFFSET_BEGINNING, "read_committed")
+        input_partitions = [TopicPartition(t, partition) for t in self.input_topics]
+        committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(input_partitions, timeout=30)}
         records = skipped = 0
-        position, progressed = -1, time.monotonic()
+        position, progressed, switched = -1, time.monotonic(), False
         try:
             done = False
             while not done:
                 batch = reader.consume(10_000, 0.2)
                 if batch:
                     progressed = time.monotonic()
+                elif (not switched and time.monotonic() - progressed > RESTORE_STALL_S
+                      and self.settings.isolation_level == "read_uncommitted"):
+                    log.warning("%s: restore of partition %d gets nothing past offset %d (marker at %d): a "
+                                "transaction the broker never resolves; reading on uncommitted", self.name,
+                                partition, position, marker[0])
+                    reader.close()
+                    reader = reader_from(position + 1 if position >= 0 else OFFSET_BEGINNING, "read_uncommitted")
+                    progressed, switched = time.monotonic(), True
                 elif time.monotonic() - progressed > TXN_TIMEOUT_S:  # say so; the marker's commit is certain
                     log.warning("%s: restore of partition %d gets nothing past offset %d (marker at %d): an "
                                 "unresolved transaction on %s?", self.name, partition, position, marker[0],
@@ -242,12 +269,18 @@ class StageRunner:
                     records += 1
         finally:
             reader.close()
+        now = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(input_partitions, timeout=30)}
+        if skipped and now != committed:
+            log.warning("%s: partition %d: committed offsets moved during the restore (%s -> %s); restoring "
+                        "again", self.name, partition, committed, now)
+            return False
         self.restored += records
         log.info("%s: restored partition %d from %d changelog records in %.2fs", self.name, partition, records,
                  time.monotonic() - started)
         if skipped:
             log.warning("%s: partition %d: skipped %d changelog records of batches that never committed "
                         "(an aborted transaction the broker delivered)", self.name, partition, skipped)
+        return True
 
     # -- batches --------------------------------------------------------------------------------
     def _is_error(self, message: Message) -> bool:

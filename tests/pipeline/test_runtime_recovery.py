@@ -128,12 +128,12 @@ def test_a_commit_that_times_out_costs_a_takeover_not_the_batch(settings, caplog
 
 
 
-def test_a_transaction_the_broker_never_resolves_stalls_neither_restore_nor_stage(settings, caplog) -> None:
+def test_a_transaction_the_broker_never_resolves_does_not_stall_the_restore(settings, caplog) -> None:
     """Tansu can leave a transaction unresolved for good: seen after a kill -9 of a worker, when the
     next owner's restore waited forever behind it (ADR 0015). Here a producer with another
-    transactional id, left open, stands in for it: it wrote to the changelog and the inbox, as a
-    killed worker's batch does, and is never committed, aborted or fenced. A new owner must restore
-    past it, without its record (its batch never committed), and go on processing."""
+    transactional id, left open, stands in for it: it wrote to the changelog and to the outputs, as
+    a killed worker's batch does, and is never committed, aborted or fenced. A new owner must
+    restore past it, without its record (its batch never committed), and go on processing."""
     settings = settings.model_copy(update={"partitions": 1, "processor_batch_size": 50})
     names = TopicNames(settings.topic_prefix)
     ensure_topics(settings)
@@ -170,7 +170,7 @@ def test_a_transaction_the_broker_never_resolves_stalls_neither_restore_nor_stag
     zombie.begin_transaction()
     never = orjson.dumps({names.events_raw: 10**9, names.identity_inbox: 10**9})  # a batch that never committed
     zombie.produce(names.identity_changelog, b'{"zombie": true}', b"zombie-key", partition=0, headers=[(BATCH_HEADER, never)])
-    zombie.produce(names.identity_inbox, b"{}", b"7:zombie", partition=0)
+    zombie.produce(names.events_enriched, orjson.dumps({"uuid": "zombie", "person_id": "zombie"}), b"7:zombie", partition=0)
     assert zombie.flush(10) == 0  # and nothing more: open for good on Tansu
     later = [(i, client.capture(f"anon-{i}", "after"), client.capture(f"user-{i}", "after")) for i in range(10)]
     assert client.flush() == 0
