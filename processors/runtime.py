@@ -11,7 +11,9 @@ stages stay pure. Decisions (docs/adr/0002-stage-runtime.md, docs/adr/0001-ident
   aborts its open transaction at once, instead of blocking readers until a timeout;
 - state changes are applied to the local store only after the transaction commits; a new owner
   restores a partition's state from the changelog up to a marker it wrote itself (Tansu's end
-  offsets cannot be trusted, ADR 0002).
+  offsets cannot be trusted, ADR 0002);
+- every transaction produces at least one record: Tansu commits no offsets for one that did not
+  (ADR 0015).
 """
 
 from __future__ import annotations
@@ -230,8 +232,7 @@ class StageRunner:
         # than RESTORE_STALL_S is a transaction that never ends: read on uncommitted past it, the
         # batch header below leaving out its records (its offsets never commit)
         reader = reader_from(OFFSET_BEGINNING, "read_committed")
-        input_partitions = [TopicPartition(t, partition) for t in self.input_topics]
-        committed = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(input_partitions, timeout=30)}
+        committed = self._committed(partition)
         records = skipped = 0
         position, progressed, switched = -1, time.monotonic(), False
         try:
@@ -269,8 +270,8 @@ class StageRunner:
                     records += 1
         finally:
             reader.close()
-        now = {tp.topic: max(tp.offset, 0) for tp in self.consumer.committed(input_partitions, timeout=30)}
-        if skipped and now != committed:
+        now = self._committed(partition) if skipped else committed
+        if now != committed:
             log.warning("%s: partition %d: committed offsets moved during the restore (%s -> %s); restoring "
                         "again", self.name, partition, committed, now)
             return False
@@ -281,6 +282,11 @@ class StageRunner:
             log.warning("%s: partition %d: skipped %d changelog records of batches that never committed "
                         "(an aborted transaction the broker delivered)", self.name, partition, skipped)
         return True
+
+    def _committed(self, partition: int) -> dict[str, int]:
+        """The group's committed offsets of the partition's input topics (0 where none)."""
+        found = self.consumer.committed([TopicPartition(t, partition) for t in self.input_topics], timeout=30)
+        return {tp.topic: max(tp.offset, 0) for tp in found}
 
     # -- batches --------------------------------------------------------------------------------
     def _is_error(self, message: Message) -> bool:

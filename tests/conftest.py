@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,30 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
             return last
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {message or condition!r} (last value {last!r})")
+
+
+@contextmanager
+def running(run: Callable[[threading.Event], None], name: str) -> Iterator[list[BaseException]]:
+    """``run(stop)`` (a stage runner's or the sink's) in a thread of the test process. Yields the
+    list of what it raised, for waits to stop on; on exit, stops and joins it, and fails the test
+    if it raised or did not stop."""
+    stop, errors = threading.Event(), []
+
+    def target() -> None:
+        try:
+            run(stop)
+        except BaseException as exc:  # noqa: BLE001 - reported below, on the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    try:
+        yield errors
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive(), f"{name} did not stop"
+    assert not errors, f"{name} died: {errors!r}"
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -9,7 +9,6 @@ confirm) would then be read again after every restart, and its lag would never r
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import pytest
@@ -18,7 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from processors.runtime import StageRunner
 from processors.state import PartitionState
-from tests.conftest import wait_until
+from tests.conftest import running, wait_until
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.timeout(180)]
 
@@ -42,22 +41,8 @@ def committed(settings, group: str, topic: str) -> int:
 
 
 def run_until(runner: StageRunner, condition, message: str) -> None:
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            runner.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    worker = threading.Thread(target=run, name="counter")
-    worker.start()
-    try:
+    with running(runner.run, runner.name) as errors:
         wait_until(lambda: errors or condition(), 90, interval=0.5, message=message)
-    finally:
-        stop.set()
-        worker.join(60)
-    assert not errors, f"the runner died: {errors!r}"
 
 
 def test_batches_without_output_commit_their_offsets_and_restores_skip_their_records(settings) -> None:

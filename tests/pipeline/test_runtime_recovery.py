@@ -10,7 +10,6 @@ offsets), and goes on. The producer here is the real transactional producer; onl
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 
 import orjson
@@ -22,7 +21,7 @@ from headwater.topics import TopicNames
 from processors.identity.worker import identity_runner
 from processors.runtime import BATCH_HEADER
 from producers.backend import Client
-from tests.conftest import wait_until
+from tests.conftest import running, wait_until
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.timeout(240)]
 
@@ -84,31 +83,21 @@ def test_a_commit_that_times_out_costs_a_takeover_not_the_batch(settings, caplog
     runner = identity_runner(settings)
     runner._producer = lambda number: CommitTimesOut(  # type: ignore[method-assign]
         runner._producer_config(number), fail_at=4, landed=landed, failures=failures)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            runner.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
     caplog.set_level(logging.WARNING, logger="processors.runtime")
-    worker = threading.Thread(target=run, name="identity-0")
-    worker.start()
     try:
-        wait_until(lambda: errors or failures, 120, message="the fourth commit")
-        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= set(sent), 120,
-                   interval=1, message="every event enriched")
-        # after the takeover: the merged persons are still merged (the state survived it)
-        later = [(i, client.capture(f"anon-{i}", "after"), client.capture(f"user-{i}", "after")) for i in range(USERS)]
-        assert client.flush() == 0
-        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= {u for _, a, b in later for u in (a, b)},
-                   120, interval=1, message="the events after the takeover")
+        with running(runner.run, "identity-0") as errors:
+            wait_until(lambda: errors or failures, 120, message="the fourth commit")
+            wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= set(sent), 120,
+                       interval=1, message="every event enriched")
+            # after the takeover: the merged persons are still merged (the state survived it)
+            later = [(i, client.capture(f"anon-{i}", "after"), client.capture(f"user-{i}", "after"))
+                     for i in range(USERS)]
+            assert client.flush() == 0
+            wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)}
+                       >= {u for _, a, b in later for u in (a, b)}, 120, interval=1,
+                       message="the events after the takeover")
     finally:
-        stop.set()
-        worker.join(60)
         client.close()
-    assert not errors, f"the worker died: {errors!r}"
     assert failures == [4]
     assert any("taking the partition over again" in r.getMessage() for r in caplog.records)
     rows = enriched(settings, names)
@@ -144,26 +133,9 @@ def test_a_transaction_the_broker_never_resolves_does_not_stall_the_restore(sett
         first.append(client.identify(f"user-{i}", {"i": i}, anon_distinct_id=f"anon-{i}"))
     assert client.flush() == 0
 
-    def running(runner, stop: threading.Event, errors: list) -> threading.Thread:
-        def run() -> None:
-            try:
-                runner.run(stop)
-            except BaseException as exc:  # noqa: BLE001 - the test reports it
-                errors.append(exc)
-        thread = threading.Thread(target=run, name="identity")
-        thread.start()
-        return thread
-
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    worker = running(identity_runner(settings), stop, errors)
-    try:
+    with running(identity_runner(settings).run, "identity") as errors:
         wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names)} >= set(first), 120,
                    interval=1, message="the first events enriched")
-    finally:
-        stop.set()
-        worker.join(60)
-    assert not errors, f"the worker died: {errors!r}"
 
     zombie = Producer(settings.kafka_config(**{"transactional.id": f"{settings.topic_prefix}zombie", "linger.ms": 0}))
     zombie.init_transactions(30)
@@ -177,19 +149,16 @@ def test_a_transaction_the_broker_never_resolves_does_not_stall_the_restore(sett
 
     caplog.set_level(logging.INFO, logger="processors.runtime")
     runner = identity_runner(settings)  # the next owner: restores the changelog, then reads on
-    stop = threading.Event()
-    worker = running(runner, stop, errors)
     isolation = settings.isolation_level
     try:
-        wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names, isolation)}
-                   >= {u for _, a, b in later for u in (a, b)}, 90, interval=1, message="the events after the restart")
-        assert runner.tasks[0].state.get("zombie-key") is None, "the open transaction's changelog record was restored"
+        with running(runner.run, "identity") as errors:
+            wait_until(lambda: errors or {r["uuid"] for r in enriched(settings, names, isolation)}
+                       >= {u for _, a, b in later for u in (a, b)}, 90, interval=1,
+                       message="the events after the restart")
+            assert runner.tasks[0].state.get("zombie-key") is None, "the open transaction's changelog record was restored"
     finally:
-        stop.set()
-        worker.join(60)
         client.close()
         zombie.abort_transaction(30)
-    assert not errors, f"the worker died: {errors!r}"
     assert any("restored partition 0" in r.getMessage() for r in caplog.records)
     person = {r["uuid"]: r["person_id"] for r in enriched(settings, names, isolation)}
     for i, anon, user in later:

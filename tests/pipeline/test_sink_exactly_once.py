@@ -25,7 +25,7 @@ from producers.backend import Client
 from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import apply_migrations
 from sinks.clickhouse.sink import EVENT_TIME_COLUMNS, ClickHouseSink
-from tests.conftest import ROOT, Pipeline, free_port, stop_process, wait_until
+from tests.conftest import ROOT, Pipeline, free_port, running, stop_process, wait_until
 from tests.sink_harness import committed, running_sink
 
 pytestmark = pytest.mark.pipeline
@@ -61,6 +61,18 @@ class Ends:
         if error is None:
             key = (message.topic(), message.partition())
             self.ends[key] = max(self.ends.get(key, 0), message.offset() + 1)
+
+
+def produce_enriched(settings: Settings, count: int, users: int) -> Ends:
+    """``count`` events of team 7 and ``users`` distinct ids on events_enriched, all acknowledged."""
+    topic = TopicNames(settings.topic_prefix).events_enriched
+    producer = Producer(settings.kafka_config())
+    ends = Ends()
+    for i in range(count):
+        key, value = enriched(7, f"user-{i % users}", str(uuid.uuid4()), i)
+        producer.produce(topic, value, key=key, on_delivery=ends)
+    assert producer.flush(30) == 0
+    return ends
 
 
 def all_committed(settings: Settings, ends: Ends) -> bool:
@@ -135,12 +147,7 @@ def test_a_crash_between_the_insert_and_the_commit_leaves_no_duplicate(settings,
     db = settings.clickhouse.database
     ensure_topics(settings)
     topic = TopicNames(settings.topic_prefix).events_enriched
-    producer = Producer(settings.kafka_config())
-    ends = Ends()
-    for i in range(1000):
-        key, value = enriched(7, f"user-{i % 97}", str(uuid.uuid4()), i)
-        producer.produce(topic, value, key=key, on_delivery=ends)
-    assert producer.flush(30) == 0
+    ends = produce_enriched(settings, 1000, users=97)
 
     first = ClickHouseSink(settings.model_copy(update={"sink_batch_rows": 100, "sink_batch_ms": 100}),
                            connect(settings.clickhouse, form_encode_query_params=True), worker_id="crashing")
@@ -184,34 +191,13 @@ def test_a_refused_commit_is_tried_again_and_costs_no_row_nor_the_sink(settings,
     """The sink used to die on the first commit error (seen when a broker restarted under it)."""
     db = settings.clickhouse.database
     ensure_topics(settings)
-    topic = TopicNames(settings.topic_prefix).events_enriched
-    producer = Producer(settings.kafka_config())
-    ends = Ends()
-    for i in range(500):
-        key, value = enriched(7, f"user-{i % 53}", str(uuid.uuid4()), i)
-        producer.produce(topic, value, key=key, on_delivery=ends)
-    assert producer.flush(30) == 0
+    ends = produce_enriched(settings, 500, users=53)
 
     sink = ClickHouseSink(settings.model_copy(update={"sink_batch_rows": 100, "sink_batch_ms": 100}),
                           connect(settings.clickhouse, form_encode_query_params=True), worker_id="refused")
-    real_consumer = sink.consumer
-    sink.consumer = refusing = CommitsRefused(real_consumer, refusals=3)
-    stop, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            sink.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="sink")
-    thread.start()
-    try:
+    sink.consumer = refusing = CommitsRefused(sink.consumer, refusals=3)
+    with running(sink.run, "sink") as errors:
         wait_until(lambda: errors or all_committed(settings, ends), 60, message="every offset committed")
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not errors, f"the sink died: {errors!r}"
     assert refusing.refused == 3 and sink.commit_failures == 3
     assert counts(clickhouse, db) == (500, 500)
 
