@@ -4,9 +4,13 @@ One ``headwater worker identity`` on its own topics. Once it holds its partition
 folders exist) it gets a probe of 1,000 events, so that its code paths and buffers are in use; its
 RSS then is the baseline. Then ``distinct_ids`` new distinct ids arrive in two halves (one event
 each: web pageviews, every 4th a backend event without a session, so a server-side session too),
-and after each half is processed the RSS and the size of the RocksDB folders are read.
+and after each half is processed the RSS and the size of the RocksDB folders are read, twice: at
+once (``rss_busy``, what the burst left), and ``SETTLE_S`` later, once the worker has given its
+free pages back (``rss``; the worker trims at most every 5 s, ADR 0016).
 
-- ``bytes_per_id``: (RSS at the end − baseline) / distinct ids;
+- ``bytes_per_id``: (RSS at the end − baseline) / distinct ids, both settled;
+- ``busy_bytes_per_id``: the same with the RSS read at once;
+- ``rss_peak_mb``: the worker's highest RSS (``VmHWM``), during the bursts;
 - ``marginal_bytes_per_id``: (RSS at the end − RSS after the first half) / the second half: the
   cost of one more id once the fixed costs (librdkafka's fetch queue, RocksDB's memtables and block
   cache, allocator arenas) are paid;
@@ -25,6 +29,10 @@ from bench.processors import run_workers
 
 PROBE = 1_000
 
+#: Seconds after the last event before the settled RSS is read: the worker trims its heap at most
+#: every 5 s after work (headwater/allocator.py).
+SETTLE_S = 6.0
+
 
 def _wait_processed(progress: GroupProgress, worker, timeout: float) -> bool:
     def done() -> bool:
@@ -32,6 +40,12 @@ def _wait_processed(progress: GroupProgress, worker, timeout: float) -> bool:
             raise RuntimeError("the worker exited; see its log in the work folder")
         return progress.read() >= progress.total
     return bool(wait_until(done, timeout, 0.2))
+
+
+def _sample(worker, state, **extra) -> dict:
+    busy = rss_bytes(worker.pid)
+    time.sleep(SETTLE_S)
+    return {**extra, "rss": rss_bytes(worker.pid), "rss_busy": busy, "rocksdb_bytes": folder_bytes(state)}
 
 
 def measure_memory(phase: Phase, distinct_ids: int, timeout: float = 600) -> dict:
@@ -50,7 +64,7 @@ def measure_memory(phase: Phase, distinct_ids: int, timeout: float = 600) -> dic
     try:
         if not _wait_processed(progress, worker, 120):
             raise RuntimeError("the probe events were not processed within 120 s")
-        samples.append({"distinct_ids": 0, "rss": rss_bytes(worker.pid), "rocksdb_bytes": folder_bytes(state)})
+        samples.append(_sample(worker, state, distinct_ids=0))
         half = distinct_ids // 2
         for first, n in ((0, half), (half, distinct_ids - half)):
             recorder = mix.Recorder(seed=12 + first)
@@ -59,8 +73,8 @@ def measure_memory(phase: Phase, distinct_ids: int, timeout: float = 600) -> dic
             progress.ends = produce_all(settings, raw, recorder.messages)
             del recorder
             complete = _wait_processed(progress, worker, timeout)
-            samples.append({"distinct_ids": first + n, "rss": rss_bytes(worker.pid), "rocksdb_bytes": folder_bytes(state),
-                            "events_per_s": rate(n, time.perf_counter() - started), "complete": complete})
+            seconds = time.perf_counter() - started
+            samples.append(_sample(worker, state, distinct_ids=first + n, events_per_s=rate(n, seconds), complete=complete))
             if not complete:
                 break
     finally:
@@ -71,7 +85,9 @@ def measure_memory(phase: Phase, distinct_ids: int, timeout: float = 600) -> dic
         "distinct_ids": known, "complete": all(s.get("complete", True) for s in samples) and known == distinct_ids,
         "rss_start_mb": round(base["rss"] / 2**20, 1), "rss_end_mb": round(end["rss"] / 2**20, 1),
         "rss_peak_mb": round(rss_bytes(worker.pid, "VmHWM") / 2**20, 1),
+        "rss_end_busy_mb": round(end["rss_busy"] / 2**20, 1),
         "bytes_per_id": round((end["rss"] - base["rss"]) / known) if known else None,
+        "busy_bytes_per_id": round((end["rss_busy"] - base["rss"]) / known) if known else None,
         "marginal_bytes_per_id": round((end["rss"] - mid["rss"]) / (known - mid["distinct_ids"]))
         if known > mid["distinct_ids"] else None,
         "rocksdb_mb": round(end["rocksdb_bytes"] / 2**20, 1),

@@ -186,8 +186,9 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
         elif section == "memory":
             rows.append((f"memory at {f['distinct_ids']:,} ids",
                          f"{_n(f['bytes_per_id'])} B/id" + _mark(results, "memory_bytes_per_id"), "≤ 200 B/id at 1M",
-                         "", f"marginal {_n(f['marginal_bytes_per_id'])} B/id; RSS {f['rss_start_mb']} → {f['rss_end_mb']} MB; "
-                         f"RocksDB {f['rocksdb_mb']} MB on disk{_partial(f)}"))
+                         "", f"marginal {_n(f['marginal_bytes_per_id'])} B/id; RSS {f['rss_start_mb']} → {f['rss_end_mb']} MB "
+                         f"settled ({f['rss_end_busy_mb']} MB at once, {_n(f['busy_bytes_per_id'])} B/id; peak "
+                         f"{f['rss_peak_mb']} MB); RocksDB {f['rocksdb_mb']} MB on disk{_partial(f)}"))
         elif section == "capture":
             rows.append(("capture alone", _n(f["events_per_s"], " events/s"), "", _cpu(f),
                          f"{f['connections']} connections × {f['batch']}-event /batch; {f['errors']} errors"))

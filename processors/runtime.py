@@ -29,7 +29,7 @@ from typing import Protocol
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from headwater import metrics
+from headwater import allocator, metrics
 from headwater.settings import Settings
 
 from .outputs import Record
@@ -107,13 +107,17 @@ class StageRunner:
         self.produced = 0
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
+        allocator.limit_arenas()  # before librdkafka and RocksDB start their threads (ADR 0016)
+        self.trimmer = allocator.Trimmer()
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # always: a stage must not act on an inbox request whose transaction
                               # may still abort (its reply would come before the replayed request)
                               "isolation.level": "read_committed",
                               # a merge is several inbox hops: do not let each wait for a full fetch
-                              "fetch.wait.max.ms": 10}))
+                              "fetch.wait.max.ms": 10,
+                              # prefetch ~2 s of input at full speed, not librdkafka's 64 MB (ADR 0016)
+                              "queued.max.messages.kbytes": 16_384}))
         self.metrics = metrics.watch_stage(self)  # per-batch counters, lag; the endpoint if configured
 
     def run(self, stop: threading.Event) -> None:
@@ -135,6 +139,7 @@ class StageRunner:
                 for partition, batch in sorted(by_partition.items()):
                     if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
                         self._process_in_transaction(partition, batch)
+                self.trimmer.tick(bool(messages))
         finally:
             self.close()
 

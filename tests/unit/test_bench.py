@@ -143,7 +143,7 @@ def results_of_a_run() -> dict:
                     "stages_ms": {"capture": {"p50": 1.0, "p99": 10.0}, "processors": {"p50": 300.0, "p99": 900.0},
                                   "sink": {"p50": 500.0, "p99": 1900.0}, "visible": {"p50": 80.0, "p99": 150.0}}},
         "memory": {"distinct_ids": 1_000_000, "bytes_per_id": 150, "marginal_bytes_per_id": 120, "rss_start_mb": 80,
-                   "rss_end_mb": 230, "rocksdb_mb": 700, "complete": True},
+                   "rss_end_mb": 230, "rss_end_busy_mb": 300, "busy_bytes_per_id": 220, "rss_peak_mb": 400, "rocksdb_mb": 700, "complete": True},
         "capture": {"events_per_s": 70_000, "connections": 8, "batch": 100, "errors": 0, "cpu_us_per_event": {"capture": 12.0}},
         "sink": {"error": "RuntimeError: boom"},
     }
