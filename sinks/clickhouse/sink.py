@@ -9,14 +9,16 @@ Effectively once, in four steps per flush:
 1. The batch's range is written to ``sink_batches`` (key ``topic:partition``) before anything else.
 2. Events only: each event's ``team_id:uuid`` is looked up in ``event_uuids``. An event whose uuid
    was first carried at another offset (a client sent it again; SDKs retry with the same uuid) is
-   dropped and counted; the uuids seen for the first time are recorded with their offsets.
+   dropped and counted; the uuids seen for the first time are recorded with their offsets. The
+   event batches of one flush (one per partition) share one lookup and one such insert, taken in
+   order, so the verdicts are those of checking them one after the other.
 3. The rows are inserted with the batch's token.
 4. The offsets are committed.
 A sink that crashed anywhere in between leaves the committed offset at the batch's ``first``. The
 partition's next owner reads the range from ``sink_batches`` and forms exactly the same batch again
 (same messages, same uuid verdicts, since the first carrier of a uuid is kept), so ClickHouse
 refuses the insert with the same token if the first attempt landed. Batch boundaries therefore
-never depend on timing after a crash.
+never depend on timing after a crash. In a flush, event batches are written before the other tables' batches.
 
 Events travel raw: their JSON rows are joined and sent as ``INSERT ... SELECT ... FROM input()
 FORMAT JSONEachRow``, so ClickHouse parses them and the sink decodes nothing on the hot path. If
@@ -469,6 +471,8 @@ class ClickHouseSink:
         if unknown:
             self.inflight = ("intents", self.writer.submit(self._read_intents, unknown))
             return
+        # events first: the latency users see; persons, groups and the rest follow in the same job
+        due.sort(key=lambda key: key[0] != self.events_topic)
         batches = self._batches(due)
         if batches:
             self.inflight = ("write", self.writer.submit(self._write_batches, batches))
@@ -577,11 +581,22 @@ class ClickHouseSink:
             self._retry("record the batches' ranges in sink_batches", record, [(b.topic, b.partition) for b in batches])
         except Abandoned:
             return []
+        # the events' uuids are checked for all event batches at once: one lookup and one insert
+        # into event_uuids instead of one each per partition (ADR 0007)
+        events = [b for b in batches if b.topic == self.events_topic]
+        checked: dict[str, tuple[list[Message], list[list[Any]]]] = {}
+        if events:
+            try:
+                self._retry("check the events' uuids", self._check_events, [(b.topic, b.partition) for b in events],
+                            events, checked)
+            except Abandoned:
+                batches = [b for b in batches if b.topic != self.events_topic]
         commits: list[TopicPartition] = []
         for batch in batches:
             started = time.perf_counter()
             try:
-                self._retry(f"insert {batch.token}", self._write, [(batch.topic, batch.partition)], batch)
+                self._retry(f"insert {batch.token}", self._write, [(batch.topic, batch.partition)], batch,
+                            checked.get(batch.token))
             except Abandoned:
                 continue  # revoked or stopping: its next owner writes it again, from the same range
             self.metrics.written(batch, time.perf_counter() - started)
@@ -589,9 +604,10 @@ class ClickHouseSink:
         return commits
 
     # -- writing one batch ---------------------------------------------------------------------------
-    def _write(self, batch: Batch) -> None:
+    def _write(self, batch: Batch, checked: tuple[list[Message], list[list[Any]]] | None = None) -> None:
         if batch.topic == self.events_topic:
-            self._write_events(batch)
+            assert checked is not None, "event batches are checked first (_check_events)"
+            self._write_events(batch, *checked)
             return
         route = self.routes[batch.topic]
         rows, dead = self._checked_rows(batch.messages, route.to_row)
@@ -600,20 +616,31 @@ class ClickHouseSink:
             self._insert(route.table, rows, route.columns, batch.token)
             self.rows_written[route.table] += len(rows)
 
-    def _write_events(self, batch: Batch) -> None:
-        table = self.routes[self.events_topic].table
-        ids: list[str | None] = [event_identity(m.value()) for m in batch.messages]
-        dead: list[list[Any]] = []
-        for i, message in enumerate(batch.messages):
-            if ids[i] is None:  # not as the identity stage writes rows: read it the slow way
-                try:
-                    row = event_row(message)
-                    ids[i] = f"{row[1]}:{row[0]}"
-                except ROW_ERRORS as exc:
-                    dead.append(self._unreadable(message, exc))
+    def _check_events(self, batches: list[Batch], checked: dict[str, tuple[list[Message], list[list[Any]]]]) -> None:
+        """Fills ``checked``: per batch token, the events to insert (first carriers of their uuids)
+        and the dead letters of rows that cannot be read."""
         started = time.perf_counter()
-        keep = self._first_carriers(batch, ids)
-        checked = time.perf_counter()
+        checked.clear()
+        ids: dict[str, list[str | None]] = {}
+        dead: dict[str, list[list[Any]]] = {}
+        for batch in batches:
+            ids[batch.token] = batch_ids = [event_identity(m.value()) for m in batch.messages]
+            dead[batch.token] = []
+            for i, message in enumerate(batch.messages):
+                if batch_ids[i] is None:  # not as the identity stage writes rows: read it the slow way
+                    try:
+                        row = event_row(message)
+                        batch_ids[i] = f"{row[1]}:{row[0]}"
+                    except ROW_ERRORS as exc:
+                        dead[batch.token].append(self._unreadable(message, exc))
+        keep = self._first_carriers(batches, ids)
+        for batch in batches:
+            checked[batch.token] = (keep[batch.token], dead[batch.token])
+        log.debug("sink: uuids of %d event batches checked in %.0f ms", len(batches), 1e3 * (time.perf_counter() - started))
+
+    def _write_events(self, batch: Batch, keep: list[Message], dead: list[list[Any]]) -> None:
+        table = self.routes[self.events_topic].table
+        started = time.perf_counter()
         if not keep:
             self._insert_dead_letters(batch, dead)
             return
@@ -636,13 +663,14 @@ class ClickHouseSink:
             return
         self._insert_dead_letters(batch, dead)
         self.rows_written[table] += len(keep)
-        log.debug("sink: %s: %d rows; uuids checked in %.0f ms, inserted in %.0f ms", batch.token, len(keep),
-                  1e3 * (checked - started), 1e3 * (time.perf_counter() - checked))
+        log.debug("sink: %s: %d rows inserted in %.0f ms", batch.token, len(keep), 1e3 * (time.perf_counter() - started))
 
-    def _first_carriers(self, batch: Batch, ids: list[str | None]) -> list[Message]:
-        """The batch's events minus those whose uuid was first carried at another offset, and
-        records the uuids seen here for the first time (before the events are inserted)."""
-        unique = sorted({i for i in ids if i is not None})
+    def _first_carriers(self, batches: list[Batch], ids: dict[str, list[str | None]]) -> dict[str, list[Message]]:
+        """Per batch token, the batch's events minus those whose uuid was first carried at another
+        offset, and records the uuids seen here for the first time (before the events are
+        inserted). Batches are taken in order, so a uuid new to ClickHouse that two of them carry
+        is kept in the first, as if they were checked one after the other."""
+        unique = sorted({i for batch_ids in ids.values() for i in batch_ids if i is not None})
         owners: dict[str, tuple[int, int]] = {}
         for start in range(0, len(unique), LOOKUP_IDS):
             rows = self.client.query(
@@ -651,27 +679,32 @@ class ClickHouseSink:
                 parameters={"ids": TextArray(unique[start:start + LOOKUP_IDS])}, settings=self.lookup_settings,
             ).result_rows
             owners.update((i, (int(owner[0]), int(owner[1]))) for i, owner in rows)
-        keep, new = [], []
-        for message, event_id in zip(batch.messages, ids):
-            if event_id is None:
-                continue
-            here = (batch.partition, message.offset())
-            owner = owners.get(event_id)
-            if owner is None:
-                owners[event_id] = here
-                new.append([event_id, here[0], here[1]])
-                keep.append(message)
-            elif owner == here:
-                keep.append(message)  # this batch again: its first attempt recorded it
-            else:
-                self.duplicates_dropped += 1
-        dropped = len(batch.messages) - len(keep) - ids.count(None)
-        if dropped:
-            log.info("sink: %s: %d events dropped, their uuids were ingested before", batch.token, dropped)
+        kept: dict[str, list[Message]] = {}
+        new: list[list[Any]] = []
+        for batch in batches:
+            keep = kept[batch.token] = []
+            batch_ids = ids[batch.token]
+            for message, event_id in zip(batch.messages, batch_ids):
+                if event_id is None:
+                    continue
+                here = (batch.partition, message.offset())
+                owner = owners.get(event_id)
+                if owner is None:
+                    owners[event_id] = here
+                    new.append([event_id, here[0], here[1]])
+                    keep.append(message)
+                elif owner == here:
+                    keep.append(message)  # this batch again: its first attempt recorded it
+                else:
+                    self.duplicates_dropped += 1
+            dropped = len(batch.messages) - len(keep) - batch_ids.count(None)
+            if dropped:
+                log.info("sink: %s: %d events dropped, their uuids were ingested before", batch.token, dropped)
         if new:
+            # one insert for all the batches; a repeated (id, partition, offset) row changes no verdict
             self._insert(f"{self.database}.event_uuids", new, ("id", "source_partition", "source_offset"),
-                         f"{batch.token}:uuids")
-        return keep
+                         "+".join(b.token for b in batches) + ":uuids")
+        return kept
 
     def _checked_rows(self, messages: list[Message], to_row: Callable[[Message], list[Any] | None]
                       ) -> tuple[list[list[Any]], list[list[Any]]]:

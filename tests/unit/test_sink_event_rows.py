@@ -152,9 +152,79 @@ def test_a_big_batch_looks_its_uuids_up_in_pieces_small_enough_to_be_read_by_key
         messages = [FakeMessage(orjson.dumps(row(uuid=str(uuid_module.UUID(int=i + 1)))), offset=i, topic="events_enriched")
                     for i in range(n)]
         batch = Batch("events_enriched", 0, 0, n - 1, messages)
-        kept = sink._first_carriers(batch, [event_identity(m.value()) for m in messages])
+        kept = sink._first_carriers([batch], {batch.token: [event_identity(m.value()) for m in messages]})
     finally:
         sink.writer.shutdown()
         sink.consumer.close()
     assert client.lookups == [LOOKUP_IDS, LOOKUP_IDS, 5]
-    assert len(kept) == n and len(client.inserted) == n
+    assert len(kept[batch.token]) == n and len(client.inserted) == n
+
+
+def test_the_event_batches_of_a_flush_are_checked_together_in_order():
+    """One lookup and one event_uuids insert for all partitions' batches; a uuid new to ClickHouse
+    that two batches carry is kept in the first only, one known at another offset in neither, and
+    one recorded at its own offset (a batch written again) is kept."""
+    import uuid as uuid_module
+    from types import SimpleNamespace
+
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import Batch, ClickHouseSink
+
+    ids = [str(uuid_module.UUID(int=i + 1)) for i in range(6)]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.lookups = 0
+            self.inserts: list[tuple[str, list]] = []
+
+        def query(self, sql, parameters, settings):
+            self.lookups += 1
+            # ids[4] was first carried elsewhere; ids[5] by partition 1 at offset 12 (this batch)
+            return SimpleNamespace(result_rows=[(f"7:{ids[4]}", (3, 99)), (f"7:{ids[5]}", (1, 12))])
+
+        def insert(self, table, rows, column_names, settings):
+            self.inserts.append((settings["insert_deduplication_token"], rows))
+
+    def batch(partition: int, first: int, uuids: list[str]) -> Batch:
+        messages = [FakeMessage(orjson.dumps(row(uuid=u)), offset=first + i, partition=partition, topic="events_enriched")
+                    for i, u in enumerate(uuids)]
+        return Batch("events_enriched", partition, first, first + len(uuids) - 1, messages)
+
+    client = Recorder()
+    sink = ClickHouseSink(Settings(), client=client)
+    a, b = batch(0, 10, [ids[0], ids[1], ids[4]]), batch(1, 10, [ids[2], ids[1], ids[5]])
+    checked: dict = {}
+    try:
+        sink._check_events([a, b], checked)
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    assert [m.offset() for m in checked[a.token][0]] == [10, 11]  # ids[0], ids[1]
+    assert [m.offset() for m in checked[b.token][0]] == [10, 12]  # ids[2], ids[5] (its own record)
+    assert checked[a.token][1] == checked[b.token][1] == []
+    assert client.lookups == 1 and sink.duplicates_dropped == 2
+    (token, rows), = client.inserts
+    assert token == f"{a.token}+{b.token}:uuids"
+    assert sorted(rows) == sorted([[f"7:{ids[0]}", 0, 10], [f"7:{ids[1]}", 0, 11], [f"7:{ids[2]}", 1, 10]])
+
+
+def test_a_flush_writes_the_event_batches_before_the_other_tables():
+    """Events are what users wait for: in one writer job their batches come first, whatever the
+    order in which the partitions' buffers were opened."""
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import ClickHouseSink
+
+    sink = ClickHouseSink(Settings(), client=object())
+    try:
+        jobs = []
+        sink.writer.submit = lambda fn, batches: jobs.append(batches)  # capture the job, do not run it
+        persons, events = (sink.settings.topic_prefix + "persons", sink.events_topic)
+        for topic, partition in ((persons, 1), (events, 0), (persons, 0), (events, 1)):
+            sink._buffer(FakeMessage(orjson.dumps(row()), offset=5, partition=partition, topic=topic))
+            sink.intents[(topic, partition)] = None  # no previous owner's range to read first
+        sink._step(force=True)
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    (batches,) = jobs
+    assert [(b.topic, b.partition) for b in batches] == [(events, 0), (events, 1), (persons, 1), (persons, 0)]
