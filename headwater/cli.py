@@ -354,8 +354,10 @@ def worker(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one processor stage (scale out by starting more, each with its own --worker-id)."""
+    from headwater import allocator
     from processors.identity.worker import identity_runner
 
+    allocator.limit_arenas()  # before any Kafka client or RocksDB starts its threads (ADR 0016)
     _logging(verbose)
     settings = _settings()
     if stage != "identity":

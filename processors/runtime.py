@@ -107,8 +107,7 @@ class StageRunner:
         self.produced = 0
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
-        allocator.limit_arenas()  # before librdkafka and RocksDB start their threads (ADR 0016)
-        self.trimmer = allocator.Trimmer()
+        self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # always: a stage must not act on an inbox request whose transaction
