@@ -114,9 +114,7 @@ class StageRunner:
                               # may still abort (its reply would come before the replayed request)
                               "isolation.level": "read_committed",
                               # a merge is several inbox hops: do not let each wait for a full fetch
-                              "fetch.wait.max.ms": 10,
-                              # prefetch ~2 s of input at full speed, not librdkafka's 64 MB (ADR 0016)
-                              "queued.max.messages.kbytes": 16_384}))
+                              "fetch.wait.max.ms": 10}))
         self.metrics = metrics.watch_stage(self)  # per-batch counters, lag; the endpoint if configured
 
     def run(self, stop: threading.Event) -> None:
