@@ -471,8 +471,9 @@ class ClickHouseSink:
         if unknown:
             self.inflight = ("intents", self.writer.submit(self._read_intents, unknown))
             return
-        # events first: the latency users see; persons, groups and the rest follow in the same job
-        due.sort(key=lambda key: key[0] != self.events_topic)
+        # events last: an event's row shows once the persons, groups and warnings written beside it
+        # do, so a query that joins them never sees the event without them (ADR 0007)
+        due.sort(key=lambda key: key[0] == self.events_topic)
         batches = self._batches(due)
         if batches:
             self.inflight = ("write", self.writer.submit(self._write_batches, batches))
