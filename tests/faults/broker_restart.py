@@ -27,6 +27,7 @@ from tests.faults.checks import (
     counts,
     reference,
     wait_for_rows,
+    warm_up,
 )
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
@@ -83,10 +84,7 @@ def kill_9_of_the_broker_under_load(broker: Broker, env: dict[str, str], tmp_pat
         deployment.worker(1)
         deployment.sink()
         load = Load(settings, RATE, mix, gate)
-        warm = mix.warmup()
-        load.send(warm)
-        load.flush(120)
-        deployment.wait_or_diagnose(lambda: counts(client, db, TEAM)[0] >= len(warm), 180, "the warm-up's rows")
+        warm_up(deployment, load, mix, client, db, wait_s=180, flush_s=120)
         gate.start()
         with load:
             for _ in range(RESTARTS):

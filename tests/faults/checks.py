@@ -27,7 +27,7 @@ import pytest
 from headwater.settings import Settings
 from tests.conftest import Pipeline
 from tests.faults import diagnostics
-from tests.faults.load import Message
+from tests.faults.load import TEAM, Message
 from tests.identity_harness import TOPICS, LocalCluster, Tables, group_tables_from_records, tables_from_records
 
 
@@ -262,6 +262,15 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered))) - 1))]
+
+
+def warm_up(deployment: "Deployment", load, mix, clickhouse, db: str, *, wait_s: float, flush_s: float = 30) -> None:
+    """Send the mix's warm-up (it names the group types, so the load's final state does not
+    depend on which worker named them first) and wait for its rows."""
+    warm = mix.warmup()
+    load.send(warm)
+    load.flush(flush_s)
+    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), wait_s, "the warm-up's rows")
 
 
 def wait_for_rows(deployment: "Deployment", clickhouse, db: str, team: int, messages: list[Message], timeout: float) -> None:

@@ -22,6 +22,7 @@ from tests.faults.checks import (
     counts,
     reference,
     wait_for_rows,
+    warm_up,
 )
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
@@ -84,10 +85,7 @@ def test_clickhouse_down_under_load_loses_and_duplicates_nothing(test_env, kafka
         deployment.worker(1)
         deployment.sink()
         load = Load(settings, RATE, mix, gate)
-        warm = mix.warmup()
-        load.send(warm)
-        load.flush()
-        deployment.wait_or_diagnose(lambda: counts(client, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+        warm_up(deployment, load, mix, client, db, wait_s=90)
         gate.start()
         with load:
             time.sleep(by_mode(5, 10))

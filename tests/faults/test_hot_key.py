@@ -29,7 +29,6 @@ import pytest
 from tests.faults.checks import (
     assert_exactly_once,
     assert_same_persons_and_groups,
-    counts,
     cpu_seconds,
     enriched_times,
     hops,
@@ -37,6 +36,7 @@ from tests.faults.checks import (
     percentile,
     reference,
     wait_for_rows,
+    warm_up,
 )
 from tests.faults.conftest import FULL, by_mode
 from tests.faults.load import BASE_TS, TEAM, Gate, Load, Message, Mix, envelope
@@ -100,10 +100,7 @@ def test_a_hot_key_at_2000_per_second_raises_other_keys_p95_by_less_than_20_perc
     gate = Gate(settings)
     normal = Load(settings, NORMAL_RATE, mix, gate, name="normal")
     hot = Load(settings, HOT_RATE, HotKey(), name="hot")
-    warm = mix.warmup()
-    normal.send(warm)
-    normal.flush()
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+    warm_up(deployment, normal, mix, clickhouse, db, wait_s=90)
     gate.start()
     windows: list[tuple[bool, float, float]] = []  # (hot?, start, end) in time.time()
     pids = {name: p.pid for name, p in deployment.processes.items()} | {"tests": os.getpid()} | shared_servers(settings)

@@ -27,12 +27,12 @@ import pytest
 from tests.faults.checks import (
     assert_exactly_once,
     assert_same_persons_and_groups,
-    counts,
     enriched_times,
     latencies,
     percentile,
     reference,
     wait_for_rows,
+    warm_up,
 )
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Message, Mix
@@ -164,10 +164,7 @@ def test_one_percent_poison_is_dead_lettered_or_warned_and_stalls_nothing(deploy
     deployment.sink()
     gate = Gate(settings)
     load = Load(settings, RATE, PoisonMix(mix), gate)
-    warm = mix.warmup()
-    load.send(warm)
-    load.flush()
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+    warm_up(deployment, load, mix, clickhouse, db, wait_s=90)
     gate.start()
     with load:
         time.sleep(SECONDS)

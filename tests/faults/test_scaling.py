@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from tests.faults.checks import assert_exactly_once, assert_same_persons_and_groups, counts, reference, wait_for_rows
+from tests.faults.checks import (
+    assert_exactly_once,
+    assert_same_persons_and_groups,
+    counts,
+    reference,
+    wait_for_rows,
+    warm_up,
+)
 from tests.faults.conftest import by_mode
 from tests.faults.load import TEAM, Gate, Load, Mix
 
@@ -30,10 +37,7 @@ def test_scaling_workers_1_2_3_1_under_load(deployment, settings, clickhouse, se
     deployment.sink()
     gate = Gate(settings)
     load = Load(settings, RATE, mix, gate)
-    warm = mix.warmup()
-    load.send(warm)
-    load.flush()
-    deployment.wait_or_diagnose(lambda: counts(clickhouse, db, TEAM)[0] >= len(warm), 90, "the warm-up's rows")
+    warm_up(deployment, load, mix, clickhouse, db, wait_s=90)
     gate.start()
     seen: list[tuple[int, int]] = []
     with load:
