@@ -428,6 +428,9 @@ def send(
 ) -> None:
     from producers.send import run_send
 
+    # Ctrl-C (SIGINT) must stop the reading, as documented, also when the command inherited SIGINT
+    # ignored: a shell without job control starts `cmd &` so, and Python then installs no handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = _settings()
     raise typer.Exit(run_send(settings, file, token=token, delivery_timeout_s=delivery_timeout))
 
