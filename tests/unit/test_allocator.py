@@ -19,10 +19,15 @@ def _rss() -> int:
 
 @glibc
 def test_a_trim_after_work_returns_freed_heap_pages_to_the_system():
-    # 96 MB in 2 KB blocks (malloc, not pymalloc), then one block above them all, so that freeing
-    # them leaves a hole glibc keeps: only malloc_trim gives its pages back
-    blocks = [bytes(2048) for _ in range(48_000)]
-    top = bytes(2048)
+    # 96 MB in 2 KB blocks (malloc, not pymalloc), then blocks above them all, so that freeing
+    # them leaves a hole glibc keeps: only malloc_trim gives its pages back. The list is made at
+    # its full size first: growing it would free its old arrays among the blocks, and a guard
+    # could land in one of those holes instead of above; 64 guards, so the last ones are on top
+    # whatever free chunks of their size earlier tests left
+    blocks: list[bytes | None] = [None] * 48_000
+    for i in range(len(blocks)):
+        blocks[i] = bytes(2048)
+    top = [bytes(2048) for _ in range(64)]
     before_free = _rss()
     del blocks
     kept = _rss()
