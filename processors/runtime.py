@@ -13,10 +13,7 @@ stages stay pure. Decisions (docs/adr/0002-stage-runtime.md, docs/adr/0001-ident
   restores a partition's state from the changelog up to a marker it wrote itself (Tansu's end
   offsets cannot be trusted, ADR 0002);
 - every transaction produces at least one record: Tansu commits no offsets for one that did not
-  (ADR 0015);
-- a partition left idle after a commit has its committed offsets checked once; if they are behind
-  what its last transaction sent, the broker deferred that transaction (Tansu, ADR 0015), and a
-  small transaction of the same producer settles it (``_settle``).
+  (ADR 0015).
 """
 
 from __future__ import annotations
@@ -51,16 +48,6 @@ TXN_TIMEOUT_S = 30.0
 #: ends and reads on uncommitted (ADR 0015): deferred ones land within a few commits of others.
 RESTORE_STALL_S = 10.0
 
-#: How long a partition stays idle after a commit before its committed offsets are checked, and the
-#: longest wait between two checks while they stay behind (ADR 0015, "Deferred commits").
-SETTLE_AFTER_S = 1.0
-SETTLE_MAX_WAIT_S = 16.0
-
-
-def topic_partitions(offsets: dict[tuple[str, int], int]) -> list[TopicPartition]:
-    """``{(topic, partition): offset}`` as the client's list."""
-    return [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-
 
 def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str, int]) -> bool:
     """Whether the batch a changelog record came from committed: its input offsets are at or below
@@ -90,11 +77,6 @@ class _Task:
 
     producer: Producer
     state: PartitionState
-    #: the input offsets the last committed transaction sent, until the group's committed offsets
-    #: are seen to reach them; when to look, and how long to wait before the next look
-    sent: dict[tuple[str, int], int] | None = None
-    settle_at: float = 0.0
-    settle_wait: float = SETTLE_AFTER_S
 
 
 class StageRunner:
@@ -124,7 +106,6 @@ class StageRunner:
         self.consumed = 0
         self.produced = 0
         self.restored = 0
-        self.settles = 0  # transactions run only to settle a deferred one (``_settle``)
         self.tasks: dict[int, _Task] = {}
         self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
         self.consumer = Consumer(settings.consumer_config(
@@ -155,7 +136,6 @@ class StageRunner:
                 for partition, batch in sorted(by_partition.items()):
                     if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
                         self._process_in_transaction(partition, batch)
-                self._settle()
                 self.trimmer.tick(bool(messages))
         finally:
             self.close()
@@ -344,7 +324,7 @@ class StageRunner:
                 # Tansu 0.6 commits no offsets for a transaction that produced nothing (ADR 0015)
                 self._produce(producer, self.changelog_topic, PROGRESS_KEY, b"", None, partition)
             producer.send_offsets_to_transaction(
-                topic_partitions(offsets),
+                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 self.consumer.consumer_group_metadata(),
                 TXN_TIMEOUT_S,
             )
@@ -355,66 +335,11 @@ class StageRunner:
             self._recover(partition, exc, offsets, committing)
             return
         task.state.commit(changelog)
-        if self.changelog_topic:  # where a settling transaction writes its record
-            task.sent, task.settle_wait = offsets, SETTLE_AFTER_S
-            task.settle_at = time.monotonic() + SETTLE_AFTER_S
         self.consumed += len(messages)
         self.produced += len(records)
         self.metrics.committed(partition, messages, records)
         if self.on_batch:
             self.on_batch(len(messages), len(records))
-
-    def _settle(self) -> None:
-        """Settle transactions the broker deferred. Tansu 0.6 answers EndTxn with success, but
-        commits a transaction only once every other unfinished transaction that wrote to one of
-        its partitions is prepared; otherwise it stays prepared, its records above the last stable
-        offset and its input offsets uncommitted, until a later EndTxn that overlaps it finds
-        everything prepared (ADR 0015). When the workers go idle, nothing may come: the inbox
-        messages of a merge then wait for good. So a partition idle for ``SETTLE_AFTER_S`` after
-        a commit has its committed offsets read once; if they are behind what its transaction
-        sent, the same producer runs one more transaction (a progress record, the same offsets),
-        whose EndTxn commits every prepared transaction it overlaps, its own deferred one first.
-        It looks again after 2, 4, ... ``SETTLE_MAX_WAIT_S`` seconds until the offsets are there.
-        On Apache Kafka the offsets are always there at the first look."""
-        now = time.monotonic()
-        for partition, task in list(self.tasks.items()):
-            if task.sent is None or now < task.settle_at:
-                continue
-            wanted = [TopicPartition(t, p) for (t, p) in task.sent]
-            try:
-                found = self.consumer.committed(wanted, timeout=5)
-            except KafkaException as exc:  # a rebalance or a coordinator move: look again later
-                log.info("%s: committed offsets of partition %d not read (%s)", self.name, partition, exc)
-                task.settle_at = now + task.settle_wait
-                continue
-            if all(tp.offset >= task.sent[(tp.topic, tp.partition)] for tp in found):
-                task.sent = None
-                continue
-            log.info("%s: partition %d's last commit is not settled on the broker (committed %s, sent %s); "
-                     "settling it", self.name, partition,
-                     {tp.topic: tp.offset for tp in found}, {t: o for (t, _), o in task.sent.items()})
-            producer = task.producer
-            try:
-                producer.begin_transaction()
-                self._produce(producer, self.changelog_topic, PROGRESS_KEY, b"", None, partition)
-                producer.send_offsets_to_transaction(topic_partitions(task.sent), self.consumer.consumer_group_metadata(),
-                                                     TXN_TIMEOUT_S)
-                producer.commit_transaction(TXN_TIMEOUT_S)
-            except KafkaException as exc:
-                error = exc.args[0]
-                if error.fatal():
-                    log.warning("%s: partition %d lost (%s); waiting for the rebalance", self.name, partition, error)
-                    self.tasks.pop(partition).state.close()
-                    continue
-                log.warning("%s: settling transaction of partition %d failed (%s)", self.name, partition, error)
-                try:
-                    producer.abort_transaction(TXN_TIMEOUT_S)
-                except KafkaException:
-                    self._reopen(partition)
-                    continue
-            self.settles += 1
-            task.settle_at = time.monotonic() + task.settle_wait
-            task.settle_wait = min(task.settle_wait * 2, SETTLE_MAX_WAIT_S)
 
     @staticmethod
     def _produce(producer: Producer, topic, key, value, headers, partition: int | None) -> None:
