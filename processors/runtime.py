@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +56,58 @@ def batch_committed(headers: list[tuple[str, bytes]] | None, committed: dict[str
         if name == BATCH_HEADER:
             return all(offset <= committed.get(topic, 0) for topic, offset in orjson.loads(value).items())
     return True
+
+
+class GapGuard:
+    """Catches batches the broker skipped on topics whose offsets have no gaps (``events_raw``:
+    plain producers, not compacted). Tansu 0.6 raises a partition's high watermark before it has
+    written the batch, so a fetch that runs meanwhile can return a later batch of a producer that
+    wrote faster, and the consumer moves past the missing one for good (ADR 0015, "Skipped
+    batches"). A message past the next expected offset is such a skip: the partition's messages
+    from there on are put aside and the consumer reads again from the expected offset, up to
+    ``retries`` times for one gap; a gap still there after that is taken as real (a transaction
+    marker of a transactional producer, on another broker)."""
+
+    def __init__(self, topics: Sequence[str], retries: int = 3) -> None:
+        self.topics = set(topics)
+        self.retries = retries
+        self.expected: dict[tuple[str, int], int] = {}
+        self.tried: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition) -> (offset, tries)
+        self.gaps = 0  # times a gap was read again
+
+    def forget(self, keys: Iterable[tuple[str, int]]) -> None:
+        """After an assignment change or a seek, the next offset is whatever comes."""
+        for key in keys:
+            self.expected.pop(key, None)
+            self.tried.pop(key, None)
+
+    def check(self, messages: list[Message]) -> tuple[list[Message], list[TopicPartition]]:
+        """The messages to process now (in order) and where to read again."""
+        if not self.topics:
+            return messages, []
+        kept: list[Message] = []
+        cut: set[tuple[str, int]] = set()
+        again: list[TopicPartition] = []
+        for m in messages:
+            key = (m.topic(), m.partition())
+            if key[0] not in self.topics:
+                kept.append(m)
+                continue
+            if key in cut:
+                continue
+            expected = self.expected.get(key)
+            if expected is not None and m.offset() > expected:
+                offset, tries = self.tried.get(key, (expected, 0))
+                tries = tries + 1 if offset == expected else 1
+                if tries <= self.retries:
+                    self.tried[key] = (expected, tries)
+                    cut.add(key)
+                    again.append(TopicPartition(key[0], key[1], expected))
+                    self.gaps += 1
+                    continue
+            self.expected[key] = m.offset() + 1
+            kept.append(m)
+        return kept, again
 
 
 class Follower(Protocol):
@@ -93,6 +145,7 @@ class StageRunner:
         worker_id: str = "0",
         on_batch: Callable[[int, int], None] | None = None,
         followers: Sequence[Follower] = (),
+        gapless_topics: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.name = name
@@ -107,6 +160,8 @@ class StageRunner:
         self.produced = 0
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
+        # a skipped batch is a Tansu race (ADR 0015): guarded where the isolation level says Tansu
+        self.gaps = GapGuard(gapless_topics if settings.isolation_level == "read_uncommitted" else ())
         self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
@@ -129,10 +184,14 @@ class StageRunner:
                 for follower in self.followers:
                     follower.poll()
                 messages = self.consumer.consume(batch_size, timeout)
+                kept, again = self.gaps.check([m for m in messages if not self._is_error(m)])
+                for tp in again:
+                    log.info("%s: %s[%d] skipped from offset %d on the broker; reading it again",
+                             self.name, tp.topic, tp.partition, tp.offset)
+                    self.consumer.seek(tp)
                 by_partition: dict[int, list[Message]] = {}
-                for m in messages:
-                    if not self._is_error(m):
-                        by_partition.setdefault(m.partition(), []).append(m)
+                for m in kept:
+                    by_partition.setdefault(m.partition(), []).append(m)
                 for partition, batch in sorted(by_partition.items()):
                     if partition in self.tasks:  # else: lost to a fencing owner; the rebalance follows
                         self._process_in_transaction(partition, batch)
@@ -169,6 +228,7 @@ class StageRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = sorted({tp.partition for tp in partitions})
+        self.gaps.forget((tp.topic, tp.partition) for tp in partitions)
         log.info("%s: assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
         for number in numbers:
             if number not in self.tasks:
@@ -197,6 +257,7 @@ class StageRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
+        self.gaps.forget((tp.topic, tp.partition) for tp in partitions)
         for number in {tp.partition for tp in partitions}:
             task = self.tasks.pop(number, None)
             if task is not None:
@@ -390,6 +451,7 @@ class StageRunner:
         wanted = [TopicPartition(t, p) for (t, p) in offsets if (t, p) in assigned]
         if not wanted:
             return
+        self.gaps.forget((tp.topic, tp.partition) for tp in wanted)
         for tp in self.consumer.committed(wanted, timeout=10):
             tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(tp)

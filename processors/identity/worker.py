@@ -26,4 +26,5 @@ def identity_runner(settings: Settings, worker_id: str = "0") -> StageRunner:
                                 settings.personless_team_ids, groups, sessions)
     follower = TopicFollower(settings, [names.group_types, names.groups], groups.apply, name="group-table")
     return StageRunner(settings, name="identity", input_topics=inputs, stage=pipeline,
-                       changelog_topic=names.identity_changelog, worker_id=worker_id, followers=[follower])
+                       changelog_topic=names.identity_changelog, worker_id=worker_id, followers=[follower],
+                       gapless_topics=[names.events_raw])  # plain producers only: no markers, no gaps
