@@ -188,11 +188,7 @@ class StageRunner:
                 for tp in again:
                     log.info("%s: %s[%d] skipped from offset %d on the broker; reading it again",
                              self.name, tp.topic, tp.partition, tp.offset)
-                    try:
-                        self.consumer.seek(tp)
-                    except KafkaException as exc:  # no longer ours: its next owner reads from the commit
-                        log.warning("%s: cannot read %s[%d] again (%s)", self.name, tp.topic, tp.partition, exc)
-                        self.gaps.forget([(tp.topic, tp.partition)])
+                    self.consumer.seek(tp)
                 by_partition: dict[int, list[Message]] = {}
                 for m in kept:
                     by_partition.setdefault(m.partition(), []).append(m)
