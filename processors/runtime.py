@@ -161,7 +161,7 @@ class StageRunner:
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
         # a skipped batch is a Tansu race (ADR 0015): guarded where the isolation level says Tansu
-        self.gaps = GapGuard(gapless_topics if settings.isolation_level == "read_uncommitted" else ())
+        self.gap_guard = GapGuard(gapless_topics if settings.isolation_level == "read_uncommitted" else ())
         self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
@@ -184,7 +184,7 @@ class StageRunner:
                 for follower in self.followers:
                     follower.poll()
                 messages = self.consumer.consume(batch_size, timeout)
-                kept, again = self.gaps.check([m for m in messages if not self._is_error(m)])
+                kept, again = self.gap_guard.check([m for m in messages if not self._is_error(m)])
                 for tp in again:
                     log.info("%s: %s[%d] skipped from offset %d on the broker; reading it again",
                              self.name, tp.topic, tp.partition, tp.offset)
@@ -228,7 +228,7 @@ class StageRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = sorted({tp.partition for tp in partitions})
-        self.gaps.forget((tp.topic, tp.partition) for tp in partitions)
+        self.gap_guard.forget((tp.topic, tp.partition) for tp in partitions)
         log.info("%s: assigned %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
         for number in numbers:
             if number not in self.tasks:
@@ -257,7 +257,7 @@ class StageRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("%s: revoked %s", self.name, [(tp.topic, tp.partition) for tp in partitions])
-        self.gaps.forget((tp.topic, tp.partition) for tp in partitions)
+        self.gap_guard.forget((tp.topic, tp.partition) for tp in partitions)
         for number in {tp.partition for tp in partitions}:
             task = self.tasks.pop(number, None)
             if task is not None:
@@ -451,7 +451,7 @@ class StageRunner:
         wanted = [TopicPartition(t, p) for (t, p) in offsets if (t, p) in assigned]
         if not wanted:
             return
-        self.gaps.forget((tp.topic, tp.partition) for tp in wanted)
+        self.gap_guard.forget((tp.topic, tp.partition) for tp in wanted)
         for tp in self.consumer.committed(wanted, timeout=10):
             tp.offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(tp)

@@ -112,6 +112,6 @@ def test_batches_of_concurrent_producers_that_the_broker_returns_out_of_order_ar
             t.join()
         wait_until(lambda: errors or runner.consumed >= len(sent), 120, interval=0.5,
                    message=f"{len(sent)} messages through the stage (consumed {runner.consumed}, gaps read again "
-                           f"{runner.gaps.gaps})")
-    print(f"gaps read again: {runner.gaps.gaps}")
+                           f"{runner.gap_guard.gaps})")
+    print(f"gaps read again: {runner.gap_guard.gaps}")
     assert runner.consumed == len(sent)

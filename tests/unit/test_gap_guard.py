@@ -4,20 +4,11 @@
 from __future__ import annotations
 
 from processors.runtime import GapGuard
+from tests.factories import FakeMessage
 
 
-class M:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._t, self._p, self._o = topic, partition, offset
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
+def M(topic: str, partition: int, offset: int) -> FakeMessage:
+    return FakeMessage(None, topic=topic, partition=partition, offset=offset)
 
 
 def offsets(messages) -> list[tuple[str, int, int]]:
