@@ -12,13 +12,18 @@ Effectively once, in four steps per flush:
    dropped and counted; the uuids seen for the first time are recorded with their offsets. The
    event batches of one flush (one per partition) share one lookup and one such insert, taken in
    order, so the verdicts are those of checking them one after the other.
-3. The rows are inserted with the batch's token.
+3. The rows are inserted with the batch's token. The batches of one flush share one insert per table
+   for events, persons, distinct ids, groups and group types, with the tokens joined.
 4. The offsets are committed.
 A sink that crashed anywhere in between leaves the committed offset at the batch's ``first``. The
 partition's next owner reads the range from ``sink_batches`` and forms exactly the same batch again
-(same messages, same uuid verdicts, since the first carrier of a uuid is kept), so ClickHouse
-refuses the insert with the same token if the first attempt landed. Batch boundaries therefore
-never depend on timing after a crash. In a flush, event batches are written before the other tables' batches.
+(same messages, same uuid verdicts, since the first carrier of a uuid is kept), so batch boundaries
+never depend on timing after a crash. That replayed batch goes alone, since its previous owner may
+have inserted it beside other partitions' batches under a joined token. For events, the sink leaves
+out what it finds in the events table and inserts the rest with a token of its own. For the other
+tables it uses the batch's token; a repeat of rows already there is refused or, in the
+ReplacingMergeTree tables, collapsed by version. In a flush, event batches are written after the
+other tables' batches.
 
 Events travel raw: their JSON rows are joined and sent as ``INSERT ... SELECT ... FROM input()
 FORMAT JSONEachRow``, so ClickHouse parses them and the sink decodes nothing on the hot path. If
@@ -42,6 +47,7 @@ offset still counts in its partition's batch, so a partition holding only tombst
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -335,6 +341,7 @@ class Batch:
     first: int
     last: int
     messages: list[Message]
+    replayed: bool = False  # formed again from the range its partition's previous owner recorded
 
     @property
     def source(self) -> str:
@@ -367,6 +374,9 @@ class ClickHouseSink:
             topics.group_types: TableRoute(f"{db}.group_types", GROUP_TYPE_COLUMNS, group_type_row),
         }
         self.dead_letter_table = f"{db}.events_dead_letter"
+        # topics whose batches of one flush go in one insert: chDB costs 10-40 ms per insert
+        self.combined_topics = frozenset((topics.events_enriched, topics.persons, topics.person_distinct_ids,
+                                          topics.groups, topics.group_types))
         self.event_insert = event_input_insert(f"{db}.events")
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{
@@ -400,6 +410,7 @@ class ClickHouseSink:
         self.duplicates_dropped = 0
         self.dead_lettered = 0
         self.batches_replayed = 0
+        self.revocations = 0  # rebalances that took partitions away: a write that waits gives up
         self.insert_failures = 0
         self.metrics = metrics.watch_sink(self)  # per-batch counters, lag; the endpoint if configured
 
@@ -525,7 +536,7 @@ class ClickHouseSink:
                 if buffer.messages[-1].offset() < intent[1] and not self._passed(key, intent[1]):
                     continue  # not all of it read yet
                 messages = [m for m in buffer.messages if m.offset() <= intent[1]]
-                batch = Batch(key[0], key[1], intent[0], intent[1], messages)
+                batch = Batch(key[0], key[1], intent[0], intent[1], messages, replayed=True)
                 self.batches_replayed += 1
                 log.info("sink: %s starts inside the range its previous owner wrote; writing %s again", batch.source, batch.token)
             else:
@@ -568,6 +579,7 @@ class ClickHouseSink:
     def _write_batches(self, batches: list[Batch]) -> list[TopicPartition]:
         """Records the batches' ranges, writes each batch; returns the offsets to commit."""
         batches = [b for b in batches if (b.topic, b.partition) in self.assigned]
+        revocations = self.revocations
 
         def record() -> None:
             if batches:
@@ -593,28 +605,50 @@ class ClickHouseSink:
             except Abandoned:
                 batches = [b for b in batches if b.topic != self.events_topic]
         commits: list[TopicPartition] = []
-        for batch in batches:
+        for group in self._write_groups(batches):
+            keys = [(b.topic, b.partition) for b in group]
             started = time.perf_counter()
             try:
-                self._retry(f"insert {batch.token}", self._write, [(batch.topic, batch.partition)], batch,
-                            checked.get(batch.token))
+                self._retry(f"insert {'+'.join(b.token for b in group)}", self._write, keys, group, checked,
+                            since=revocations)
             except Abandoned:
                 continue  # revoked or stopping: its next owner writes it again, from the same range
-            self.metrics.written(batch, time.perf_counter() - started)
-            commits.append(TopicPartition(batch.topic, batch.partition, batch.last + 1))
+            for batch in group:
+                self.metrics.written(batch, time.perf_counter() - started)
+                commits.append(TopicPartition(batch.topic, batch.partition, batch.last + 1))
         return commits
 
+    def _write_groups(self, batches: list[Batch]) -> list[list[Batch]]:
+        """The inserts of one flush, in order: the batches of a topic whose table takes several
+        partitions' batches in one insert (events, and the ReplacingMergeTree tables of persons,
+        distinct ids and groups) go together; the others, and a batch formed again after its
+        previous owner stopped (``replayed``), go alone (ADR 0007, "One insert per table")."""
+        groups: list[list[Batch]] = []
+        together: dict[str, list[Batch]] = {}
+        for batch in batches:
+            if batch.topic in self.combined_topics and not batch.replayed:
+                if batch.topic not in together:
+                    together[batch.topic] = []
+                    groups.append(together[batch.topic])
+                together[batch.topic].append(batch)
+            else:
+                groups.append([batch])
+        return groups
+
     # -- writing one batch ---------------------------------------------------------------------------
-    def _write(self, batch: Batch, checked: tuple[list[Message], list[list[Any]]] | None = None) -> None:
-        if batch.topic == self.events_topic:
-            assert checked is not None, "event batches are checked first (_check_events)"
-            self._write_events(batch, *checked)
+    def _write(self, group: list[Batch], checked: dict[str, tuple[list[Message], list[list[Any]]]]) -> None:
+        """One insert of ``group`` (batches of one topic), its dead letters one insert per batch."""
+        if group[0].topic == self.events_topic:
+            self._write_events(group, checked)
             return
-        route = self.routes[batch.topic]
-        rows, dead = self._checked_rows(batch.messages, route.to_row)
-        self._insert_dead_letters(batch, dead)
+        route = self.routes[group[0].topic]
+        rows: list[list[Any]] = []
+        for batch in group:
+            batch_rows, dead = self._checked_rows(batch.messages, route.to_row)
+            self._insert_dead_letters(batch, dead)
+            rows.extend(batch_rows)
         if rows:
-            self._insert(route.table, rows, route.columns, batch.token)
+            self._insert(route.table, rows, route.columns, "+".join(b.token for b in group))
             self.rows_written[route.table] += len(rows)
 
     def _check_events(self, batches: list[Batch], checked: dict[str, tuple[list[Message], list[list[Any]]]]) -> None:
@@ -639,32 +673,84 @@ class ClickHouseSink:
             checked[batch.token] = (keep[batch.token], dead[batch.token])
         log.debug("sink: uuids of %d event batches checked in %.0f ms", len(batches), 1e3 * (time.perf_counter() - started))
 
-    def _write_events(self, batch: Batch, keep: list[Message], dead: list[list[Any]]) -> None:
+    def _write_events(self, group: list[Batch], checked: dict[str, tuple[list[Message], list[list[Any]]]]) -> None:
+        """The events of ``group`` in one insert, with the token joining the batches' tokens. A
+        replayed batch goes alone: the events its previous owner's insert (which may have joined
+        other partitions' batches) already put in ClickHouse are left out, and the rest go in with
+        a token of their own (ADR 0007)."""
         table = self.routes[self.events_topic].table
         started = time.perf_counter()
-        if not keep:
-            self._insert_dead_letters(batch, dead)
+        keep = {b.token: checked[b.token][0] for b in group}
+        token = "+".join(b.token for b in group)
+        if len(group) == 1 and group[0].replayed:
+            batch = group[0]
+            keep[batch.token] = self._not_inserted(keep[batch.token])
+            offsets = ",".join(str(m.offset()) for m in keep[batch.token]).encode()
+            token = f"{batch.token}:replay:{hashlib.blake2b(offsets, digest_size=8).hexdigest()}"
+        messages = [m for b in group for m in keep[b.token]]
+        if not messages:
+            for batch in group:
+                self._insert_dead_letters(batch, checked[batch.token][1])
             return
         # dead letters are inserted once per batch (one token), after the events: the raw insert may
         # find more of them
         try:
-            self.client.command(self.event_insert, data=b"\n".join(m.value() for m in keep),
-                                settings={**self.insert_settings, "insert_deduplication_token": batch.token})
+            self.client.command(self.event_insert, data=b"\n".join(m.value() for m in messages),
+                                settings={**self.insert_settings, "insert_deduplication_token": token})
         except OperationalError:
             raise  # not an answer about the data: retried
         except DatabaseError as exc:
             # ClickHouse refused the data: check every row here, keep the bad ones as dead letters
-            log.warning("sink: ClickHouse refused %s (%s); checking its %d rows one by one", batch.token,
-                        str(exc).splitlines()[0][:200], len(keep))
-            rows, bad = self._checked_rows(keep, event_row)
+            log.warning("sink: ClickHouse refused %s (%s); checking its %d rows one by one", token,
+                        str(exc).splitlines()[0][:200], len(messages))
+            rows: list[list[Any]] = []
+            bad: dict[str, list[list[Any]]] = {}
+            for batch in group:
+                batch_rows, bad[batch.token] = self._checked_rows(keep[batch.token], event_row)
+                rows.extend(batch_rows)
             if rows:
-                self._insert(table, rows, EVENT_COLUMNS, batch.token)
-            self._insert_dead_letters(batch, dead + bad)
+                self._insert(table, rows, EVENT_COLUMNS, token)
+            for batch in group:
+                self._insert_dead_letters(batch, checked[batch.token][1] + bad[batch.token])
             self.rows_written[table] += len(rows)
             return
-        self._insert_dead_letters(batch, dead)
-        self.rows_written[table] += len(keep)
-        log.debug("sink: %s: %d rows inserted in %.0f ms", batch.token, len(keep), 1e3 * (time.perf_counter() - started))
+        for batch in group:
+            self._insert_dead_letters(batch, checked[batch.token][1])
+        self.rows_written[table] += len(messages)
+        log.debug("sink: %s: %d rows inserted in %.0f ms", token, len(messages), 1e3 * (time.perf_counter() - started))
+
+    def _not_inserted(self, messages: list[Message]) -> list[Message]:
+        """``messages`` minus the events already in the events table (by team and uuid, within
+        their timestamps' range, so the sorting key prunes the read). Only for a replayed batch: its
+        previous owner may have inserted it with other partitions' batches, under another token."""
+        wanted: dict[tuple[int, str], Message] = {}
+        for message in messages:
+            try:
+                row = event_row(message)
+            except ROW_ERRORS:
+                continue  # not readable: it takes the insert's slow path, never landed as a row
+            wanted[(int(row[1]), str(row[0]))] = message
+        if not wanted:
+            return messages
+        times = [orjson.loads(m.value())["timestamp"] for m in wanted.values()]
+        found: set[tuple[int, str]] = set()
+        keys = list(wanted)
+        for start in range(0, len(keys), LOOKUP_IDS):
+            chunk = keys[start:start + LOOKUP_IDS]
+            rows = self.client.query(
+                f"SELECT team_id, toString(uuid) FROM {self.routes[self.events_topic].table} "
+                "WHERE team_id IN {teams:Array(Int64)} AND uuid IN {uuids:Array(UUID)} "
+                "AND timestamp BETWEEN fromUnixTimestamp64Micro({low:Int64}, 'UTC') "
+                "AND fromUnixTimestamp64Micro({high:Int64}, 'UTC')",
+                parameters={"teams": sorted({team for team, _ in chunk}), "uuids": TextArray([u for _, u in chunk]),
+                            "low": min(times), "high": max(times)},
+                settings=self.lookup_settings,
+            ).result_rows
+            found.update((int(team), str(event_uuid)) for team, event_uuid in rows)
+        if found:
+            log.info("sink: %d of %d replayed events were inserted before; left out", len(found), len(messages))
+        landed = {id(wanted[key]) for key in found if key in wanted}
+        return [m for m in messages if id(m) not in landed]
 
     def _first_carriers(self, batches: list[Batch], ids: dict[str, list[str | None]]) -> dict[str, list[Message]]:
         """Per batch token, the batch's events minus those whose uuid was first carried at another
@@ -737,9 +823,12 @@ class ClickHouseSink:
                            settings={**self.insert_settings, "insert_deduplication_token": token})
 
     # -- failures --------------------------------------------------------------------------------------
-    def _retry(self, what: str, action: Callable[..., None], keys: list[tuple[str, int]], *args: Any) -> None:
-        """``action(*args)`` until it succeeds, with backoff; ``Abandoned`` if the sink stops, or if
-        every partition in ``keys`` is revoked while it waits."""
+    def _retry(self, what: str, action: Callable[..., None], keys: list[tuple[str, int]], *args: Any,
+               since: int | None = None) -> None:
+        """``action(*args)`` until it succeeds, with backoff; ``Abandoned`` if the sink stops, if
+        every partition in ``keys`` is revoked while it waits, or (with ``since``, the revocation
+        count when the write began) if any revocation happened since: a write joining several
+        partitions must not land after one of them has a new owner, who replays its range."""
         delay = 0.2
         while True:
             try:
@@ -757,7 +846,8 @@ class ClickHouseSink:
                 while time.monotonic() < deadline:
                     if self.stop.wait(0.05):
                         raise Abandoned(what) from exc
-                    if keys and not any(key in self.assigned for key in keys):
+                    if keys and (not any(key in self.assigned for key in keys)
+                                 or (since is not None and self.revocations != since)):
                         log.info("sink: %s: revoked while waiting; the next owner does it", what)
                         raise Abandoned(what) from exc
                 delay = min(delay * 2, 5.0)
@@ -773,6 +863,7 @@ class ClickHouseSink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Drop buffers of revoked partitions (their next owner reads them again), and let the
         writer finish or abandon what it is doing for them before they change hands."""
+        self.revocations += 1
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self.assigned.discard(key)

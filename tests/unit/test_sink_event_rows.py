@@ -228,3 +228,108 @@ def test_a_flush_writes_the_event_batches_after_the_other_tables():
         sink.consumer.close()
     (batches,) = jobs
     assert [(b.topic, b.partition) for b in batches] == [(persons, 1), (persons, 0), (events, 0), (events, 1)]
+
+
+def test_a_flush_makes_one_insert_per_table_that_takes_several_partitions_and_a_replayed_batch_goes_alone():
+    """chDB costs 10-40 ms per insert whatever its size: events, persons, distinct ids and groups
+    of one flush go in one insert per table; warnings and dead letters keep one per batch, and a
+    batch formed again from its previous owner's range goes alone."""
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import Batch, ClickHouseSink
+
+    sink = ClickHouseSink(Settings(), client=object())
+    try:
+        prefix = sink.settings.topic_prefix
+        persons, warnings, events = prefix + "persons", prefix + "ingestion_warnings", sink.events_topic
+
+        def batch(topic: str, partition: int, replayed: bool = False) -> Batch:
+            return Batch(topic, partition, 0, 0, [FakeMessage(b"{}", topic=topic, partition=partition)], replayed)
+
+        batches = [batch(persons, 1), batch(warnings, 0), batch(persons, 0), batch(warnings, 1),
+                   batch(events, 0), batch(events, 2, replayed=True), batch(events, 1)]
+        groups = sink._write_groups(batches)
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    assert [[(b.topic, b.partition) for b in group] for group in groups] == [
+        [(persons, 1), (persons, 0)], [(warnings, 0)], [(warnings, 1)], [(events, 0), (events, 1)], [(events, 2)]]
+
+
+def test_the_event_batches_of_a_flush_are_one_insert_and_a_replayed_batch_leaves_out_what_landed():
+    """One insert with the joined token; a replayed batch asks the events table which of its
+    events are there (its previous owner may have inserted them beside other partitions' batches,
+    under another token) and inserts the others with a token of their own."""
+    import uuid as uuid_module
+    from types import SimpleNamespace
+
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import Batch, ClickHouseSink
+
+    ids = [str(uuid_module.UUID(int=i + 1)) for i in range(5)]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.commands: list[tuple[str, bytes]] = []
+            self.queries: list[dict] = []
+
+        def command(self, sql, data, settings):
+            self.commands.append((settings["insert_deduplication_token"], data))
+
+        def query(self, sql, parameters, settings):
+            self.queries.append(parameters)
+            return SimpleNamespace(result_rows=[(7, ids[3])])  # the first attempt put this one in
+
+    def batch(partition: int, uuids: list[str], replayed: bool = False) -> Batch:
+        messages = [FakeMessage(orjson.dumps(row(uuid=u, timestamp=1_700_000_000_000_000 + i)), offset=10 + i,
+                                partition=partition, topic="events_enriched") for i, u in enumerate(uuids)]
+        return Batch("events_enriched", partition, 10, 10 + len(uuids) - 1, messages, replayed)
+
+    client = Recorder()
+    sink = ClickHouseSink(Settings(), client=client)
+    try:
+        a, b = batch(0, ids[:2]), batch(1, ids[2:3])
+        sink._write_events([a, b], {a.token: (a.messages, []), b.token: (b.messages, [])})
+        assert client.queries == []  # a fresh batch is not looked up
+        replay = batch(2, ids[3:], replayed=True)
+        sink._write_events([replay], {replay.token: (replay.messages, [])})
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    (token, data), (replay_token, replay_data) = client.commands
+    assert token == f"{a.token}+{b.token}"
+    assert [orjson.loads(line)["uuid"] for line in data.split(b"\n")] == ids[:3]
+    (asked,) = client.queries
+    assert sorted(str(asked["uuids"]).strip("[]").replace("'", "").split(",")) == sorted(ids[3:])
+    assert (asked["low"], asked["high"]) == (1_700_000_000_000_000, 1_700_000_000_000_001)
+    assert [orjson.loads(line)["uuid"] for line in replay_data.split(b"\n")] == [ids[4]]
+    assert replay_token.startswith(f"{replay.token}:replay:") and replay_token != replay.token
+    assert sink.rows_written[f"{sink.database}.events"] == 4
+
+
+def test_a_write_waiting_for_clickhouse_gives_up_after_a_revocation_even_if_its_partitions_came_back():
+    """A write that joins several partitions must not land after one of them changed hands: the
+    new owner replays that range, leaving out only what it finds in ClickHouse."""
+    from headwater.settings import Settings
+    from sinks.clickhouse.sink import Abandoned, ClickHouseSink
+
+    sink = ClickHouseSink(Settings(), client=object())
+    key = (sink.events_topic, 0)
+    sink.assigned.add(key)
+    attempts = []
+
+    def failing_until_the_third_attempt() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            sink.revocations += 1  # a rebalance took the partition away and gave it back meanwhile
+        if len(attempts) < 3:
+            raise OSError("ClickHouse is down")
+
+    try:
+        with pytest.raises(Abandoned):
+            sink._retry("insert", failing_until_the_third_attempt, [key], since=sink.revocations)
+        attempts.clear()
+        sink._retry("insert", failing_until_the_third_attempt, [key])  # no `since`: retried to the end
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    assert len(attempts) == 3
