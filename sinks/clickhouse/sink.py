@@ -208,6 +208,9 @@ _EVENT_CHECKS: tuple[tuple[str, Callable[[dict[str, Any], str], Any]], ...] = tu
 )
 
 
+_TIMESTAMP = EVENT_COLUMNS.index("timestamp")
+
+
 def event_row(message: Message) -> list[Any]:
     """An ``events_enriched`` value as a row in EVENT_COLUMNS order, every value type-checked (the
     checks ClickHouse makes: UUIDs, Int64 team and times, strings), for a batch ClickHouse refused."""
@@ -724,15 +727,16 @@ class ClickHouseSink:
         their timestamps' range, so the sorting key prunes the read). Only for a replayed batch: its
         previous owner may have inserted it with other partitions' batches, under another token."""
         wanted: dict[tuple[int, str], Message] = {}
+        times: list[int] = []
         for message in messages:
             try:
                 row = event_row(message)
             except ROW_ERRORS:
                 continue  # not readable: it takes the insert's slow path, never landed as a row
             wanted[(int(row[1]), str(row[0]))] = message
+            times.append(row[_TIMESTAMP])
         if not wanted:
             return messages
-        times = [orjson.loads(m.value())["timestamp"] for m in wanted.values()]
         found: set[tuple[int, str]] = set()
         keys = list(wanted)
         for start in range(0, len(keys), LOOKUP_IDS):
@@ -749,7 +753,7 @@ class ClickHouseSink:
             found.update((int(team), str(event_uuid)) for team, event_uuid in rows)
         if found:
             log.info("sink: %d of %d replayed events were inserted before; left out", len(found), len(messages))
-        landed = {id(wanted[key]) for key in found if key in wanted}
+        landed = {id(wanted[key]) for key in found & wanted.keys()}
         return [m for m in messages if id(m) not in landed]
 
     def _first_carriers(self, batches: list[Batch], ids: dict[str, list[str | None]]) -> dict[str, list[Message]]:
