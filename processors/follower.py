@@ -17,6 +17,7 @@ from collections.abc import Callable
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from headwater.settings import Settings
+from headwater.tansu import SETTLE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class TopicFollower:
     def _take(self, m: Message) -> bool:
         if m.error() is not None:
             return False
+        if m.key() == SETTLE_KEY:  # the settler's record (ADR 0015)
+            return True
         try:
             self.apply(m.topic(), m.value())
             self.applied += 1

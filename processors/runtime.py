@@ -31,6 +31,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from headwater import allocator, metrics
 from headwater.settings import Settings
+from headwater.tansu import SETTLE_KEY, TxnLock
 
 from .outputs import Record
 from .state import PROGRESS_KEY, RESTORE_MARKER_KEY, PartitionState
@@ -163,6 +164,7 @@ class StageRunner:
         # a skipped batch is a Tansu race (ADR 0015): guarded where the isolation level says Tansu
         self.gap_guard = GapGuard(gapless_topics if settings.isolation_level == "read_uncommitted" else ())
         self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
+        self.txn_lock = TxnLock(settings)  # Tansu: one EndTxn at a time on the broker (ADR 0015)
         self.consumer = Consumer(settings.consumer_config(
             self.group_id, **{"partition.assignment.strategy": "range", "client.id": f"{name}-{worker_id}",
                               # always: a stage must not act on an inbox request whose transaction
@@ -236,7 +238,8 @@ class StageRunner:
 
     def _open(self, number: int) -> None:
         producer = self._producer(number)
-        producer.init_transactions(TXN_TIMEOUT_S)  # fences the previous owner, aborts its open transaction
+        with self.txn_lock():
+            producer.init_transactions(TXN_TIMEOUT_S)  # fences the previous owner, aborts its open transaction
         state_dir = self.settings.data_dir / "state" / self.group_id / f"w{self.worker_id}" / f"p{number}"
         task = _Task(producer, PartitionState(state_dir if self.changelog_topic else None))
         if self.changelog_topic:
@@ -280,7 +283,9 @@ class StageRunner:
         token = uuid.uuid4().hex.encode()
         task.producer.begin_transaction()
         task.producer.produce(self.changelog_topic, token, RESTORE_MARKER_KEY, partition=partition, on_delivery=delivered)
-        task.producer.commit_transaction(TXN_TIMEOUT_S)
+        task.producer.flush(TXN_TIMEOUT_S)
+        with self.txn_lock():
+            task.producer.commit_transaction(TXN_TIMEOUT_S)
         if not marker:
             raise RuntimeError(f"{self.name}: could not write the restore marker to {self.changelog_topic}[{partition}]")
         def reader_from(offset: int, isolation: str) -> Consumer:
@@ -324,7 +329,7 @@ class StageRunner:
                     if m.offset() >= marker[0]:
                         done = True
                         break
-                    if m.key() in (RESTORE_MARKER_KEY, PROGRESS_KEY):
+                    if m.key() in (RESTORE_MARKER_KEY, PROGRESS_KEY, SETTLE_KEY):
                         continue
                     if not batch_committed(m.headers(), committed):
                         skipped += 1
@@ -390,7 +395,9 @@ class StageRunner:
                 TXN_TIMEOUT_S,
             )
             committing = True
-            producer.commit_transaction(TXN_TIMEOUT_S)
+            producer.flush(TXN_TIMEOUT_S)
+            with self.txn_lock():
+                producer.commit_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
             task.state.rollback()
             self._recover(partition, exc, offsets, committing)
@@ -436,7 +443,8 @@ class StageRunner:
             log.warning("%s: transaction of partition %d aborted (%s); the batch will be read again", self.name, partition, error)
             time.sleep(0.2)
             try:
-                task.producer.abort_transaction(TXN_TIMEOUT_S)
+                with self.txn_lock():
+                    task.producer.abort_transaction(TXN_TIMEOUT_S)
             except KafkaException as abort_error:
                 log.warning("%s: abort of partition %d failed (%s); taking the partition over again",
                             self.name, partition, abort_error)

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from headwater.outcomes import DeadLetter, Drop, Warn
+from headwater.tansu import SETTLE_KEY
 from headwater.topics import TopicNames
 
 from ..outputs import Record, SourceMessage, dead_letter, warning_record
@@ -166,6 +167,8 @@ class _PartitionRun:
     def message(self, message: SourceMessage) -> None:
         if message.topic() == self.topics.events_raw:
             self._raw(message)
+        elif message.key() == SETTLE_KEY:  # the settler's record (ADR 0015): no message of ours
+            return
         else:
             msg = orjson.loads(message.value() or b"{}")
             if self._seen_before(msg):

@@ -74,6 +74,7 @@ from headwater.rows import (
     WARNING_COLUMNS,
 )
 from headwater.settings import Settings
+from headwater.tansu import CHECK_EVERY_S, SETTLE_KEY, TransactionSettler, settled_topics
 from headwater.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,12 @@ class Batch:
         return f"{self.source}:{self.first}-{self.last}"
 
 
+def _ours(messages: list[Message]) -> list[Message]:
+    """The messages that are rows: without the settler's records (ADR 0015), which the batch's
+    offset range still covers."""
+    return [m for m in messages if m.key() != SETTLE_KEY]
+
+
 class Abandoned(Exception):
     """The batch's partition was revoked (or the sink is stopping) while ClickHouse was failing."""
 
@@ -414,6 +421,8 @@ class ClickHouseSink:
         self.dead_lettered = 0
         self.batches_replayed = 0
         self.revocations = 0  # rebalances that took partitions away: a write that waits gives up
+        self.worker_id = worker_id
+        self.settler: TransactionSettler | None = None  # on Tansu, while running
         self.insert_failures = 0
         self.metrics = metrics.watch_sink(self)  # per-batch counters, lag; the endpoint if configured
 
@@ -422,6 +431,12 @@ class ClickHouseSink:
         self.stop = stop
         self.consumer.subscribe(list(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("sink: %s -> %s", ",".join(self.routes), self.database)
+        settler = None
+        if self.settings.isolation_level == "read_uncommitted":  # Tansu (ADR 0015, "The settler")
+            self.settler = TransactionSettler(self.settings, settled_topics(TopicNames(self.settings.topic_prefix)),
+                                              self.worker_id)
+            settler = threading.Thread(target=self.settler.run, args=(stop,), name="settler", daemon=True)
+            settler.start()
         try:
             while not stop.is_set():
                 for message in self.consumer.consume(self.settings.sink_batch_rows, 0.05):
@@ -435,6 +450,8 @@ class ClickHouseSink:
         finally:
             self.writer.shutdown(wait=True)
             self.consumer.close()
+            if settler is not None:
+                settler.join(2 * CHECK_EVERY_S)
 
     def _buffer(self, message: Message) -> None:
         error = message.error()
@@ -539,7 +556,7 @@ class ClickHouseSink:
                 if buffer.messages[-1].offset() < intent[1] and not self._passed(key, intent[1]):
                     continue  # not all of it read yet
                 messages = [m for m in buffer.messages if m.offset() <= intent[1]]
-                batch = Batch(key[0], key[1], intent[0], intent[1], messages, replayed=True)
+                batch = Batch(key[0], key[1], intent[0], intent[1], _ours(messages), replayed=True)
                 self.batches_replayed += 1
                 log.info("sink: %s starts inside the range its previous owner wrote; writing %s again", batch.source, batch.token)
             else:
@@ -547,7 +564,7 @@ class ClickHouseSink:
                     log.warning("sink: %s:%s starts at %d, before the last recorded batch %d-%d (offsets reset?)",
                                 *key, first, *intent)
                 messages = buffer.messages
-                batch = Batch(key[0], key[1], first, messages[-1].offset(), messages)
+                batch = Batch(key[0], key[1], first, messages[-1].offset(), _ours(messages))
             self.intents[key] = None
             buffer.messages = buffer.messages[len(messages):]
             buffer.opened = now

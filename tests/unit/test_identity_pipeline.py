@@ -60,6 +60,18 @@ def test_a_step_that_raises_becomes_a_processing_error_dead_letter(monkeypatch):
     assert state.pending() == [], "the failed message's state writes are rolled back"
 
 
+def test_the_settlers_record_on_the_inbox_is_skipped():
+    """On Tansu the settler commits one record without a value (key ``__settle__``) on an inbox
+    partition a transaction was left prepared on (ADR 0015): no message of the protocol, no dead letter."""
+    from headwater.tansu import SETTLE_KEY
+
+    pipeline = IdentityPipeline(TOPICS, {"phc_test": 7}, partitions=1)
+    messages = [FakeMessage(None, key=SETTLE_KEY, topic=TOPICS.identity_inbox, offset=3),
+                FakeMessage(raw_bytes(distinct_id="a"), topic=TOPICS.events_raw, offset=0)]
+    records = pipeline.process_partition(0, messages, PartitionState())
+    assert [r.topic for r in records if r.topic in EVENT_TOPICS] == ["x_events_enriched"]
+    assert pipeline.counts["dead_letter"] == 0 and pipeline.counts["ok"] == 1
+
 def test_dropped_event_produces_a_warning_record():
     _, records = run(raw_bytes(distinct_id="y" * 500))
     (record,) = records

@@ -333,3 +333,29 @@ def test_a_write_waiting_for_clickhouse_gives_up_after_a_revocation_even_if_its_
         sink.writer.shutdown()
         sink.consumer.close()
     assert len(attempts) == 3
+
+
+def test_the_settlers_records_are_no_rows_but_their_offsets_are_in_the_batch():
+    """On Tansu the settler commits a transaction with one record (key ``__settle__``, no value) on
+    a partition where a transaction was left prepared (ADR 0015): no row, and no dead letter, but the
+    batch's range covers it so its offset is committed."""
+    from headwater.settings import Settings
+    from headwater.tansu import SETTLE_KEY
+    from sinks.clickhouse.sink import ClickHouseSink
+
+    sink = ClickHouseSink(Settings(), client=object())
+    try:
+        jobs = []
+        sink.writer.submit = lambda fn, batches: jobs.append(batches)  # capture the job, do not run it
+        topic = sink.events_topic
+        sink.intents[(topic, 0)] = None
+        for offset, key, value in ((5, b"7:user", orjson.dumps(row())), (6, SETTLE_KEY, None)):
+            sink._buffer(FakeMessage(value, key=key, offset=offset, topic=topic))
+        sink._step(force=True)
+    finally:
+        sink.writer.shutdown()
+        sink.consumer.close()
+    (batches,) = jobs
+    (batch,) = batches
+    assert (batch.first, batch.last) == (5, 6)
+    assert [m.offset() for m in batch.messages] == [5]
