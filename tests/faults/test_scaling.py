@@ -25,11 +25,6 @@ STEP_S = by_mode(6, 20)
 RATE = by_mode(250, 300)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 8): on Tansu, a transaction that never ends (ADR 0015: a fenced owner's produce recorded into a "
-    "finished epoch) holds an identity_inbox partition's last stable offset for good, and the workers read their "
-    "input read_committed; seen in 1 CI run of several before ADR 0015. diagnostics.txt in the test's tmp_path "
-    "has the offsets and stacks"))
 def test_scaling_workers_1_2_3_1_under_load(deployment, settings, clickhouse, seed) -> None:
     db = settings.clickhouse.database
     mix = Mix(seed)
