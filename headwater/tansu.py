@@ -102,7 +102,8 @@ class TransactionSettler:
         self.topics = list(topics)
         self.idle_s = idle_s
         self.transactional_id = f"{settings.topic_prefix}headwater-settle-{name}"
-        self.admin = AdminClient(settings.kafka_config(**{"client.id": f"settler-{name}"}))
+        self.name = name
+        self.admin: AdminClient | None = None
         self.producer: Producer | None = None
         self.watches: dict[tuple[str, int], _Watch] = {}
         self.partitions: list[tuple[str, int]] = []
@@ -118,6 +119,12 @@ class TransactionSettler:
                 log.warning("settler: %s", exc)
                 self._drop_producer()
         self._drop_producer()
+        self.admin = None  # its connections go with it, not when the broker goes away
+
+    def _admin(self) -> AdminClient:
+        if self.admin is None:
+            self.admin = AdminClient(self.settings.kafka_config(**{"client.id": f"settler-{self.name}"}))
+        return self.admin
 
     def tick(self, now: float) -> list[tuple[str, int]]:
         """Looks at every partition once; settles the stuck ones. Returns them."""
@@ -164,7 +171,7 @@ class TransactionSettler:
 
     def _partitions(self, now: float) -> list[tuple[str, int]]:
         if now - self.partitions_read > 30 or not self.partitions:
-            metadata = self.admin.list_topics(timeout=TIMEOUT_S)
+            metadata = self._admin().list_topics(timeout=TIMEOUT_S)
             self.partitions = [(topic, partition) for topic in self.topics if topic in metadata.topics
                                for partition in sorted(metadata.topics[topic].partitions)]
             self.partitions_read = now
@@ -173,7 +180,7 @@ class TransactionSettler:
     def _latest(self, partitions: list[tuple[str, int]], level: IsolationLevel) -> dict[tuple[str, int], int]:
         # Tansu answers 0 for read_committed while an unfinished transaction is on the partition,
         # and its LSO otherwise: below the end either way while a transaction holds it
-        futures = self.admin.list_offsets({TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
+        futures = self._admin().list_offsets({TopicPartition(t, p): OffsetSpec.latest() for t, p in partitions},
                                           isolation_level=level, request_timeout=TIMEOUT_S)
         return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
 

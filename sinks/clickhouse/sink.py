@@ -431,11 +431,11 @@ class ClickHouseSink:
         self.stop = stop
         self.consumer.subscribe(list(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("sink: %s -> %s", ",".join(self.routes), self.database)
-        settler = None
+        settler, settler_stop = None, threading.Event()  # stops with the loop, however it ends
         if self.settings.isolation_level == "read_uncommitted":  # Tansu (ADR 0015, "The settler")
             self.settler = TransactionSettler(self.settings, settled_topics(TopicNames(self.settings.topic_prefix)),
                                               self.worker_id)
-            settler = threading.Thread(target=self.settler.run, args=(stop,), name="settler", daemon=True)
+            settler = threading.Thread(target=self.settler.run, args=(settler_stop,), name="settler", daemon=True)
             settler.start()
         try:
             while not stop.is_set():
@@ -450,6 +450,7 @@ class ClickHouseSink:
         finally:
             self.writer.shutdown(wait=True)
             self.consumer.close()
+            settler_stop.set()
             if settler is not None:
                 settler.join(2 * CHECK_EVERY_S)
 
