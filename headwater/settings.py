@@ -206,6 +206,14 @@ class Settings(BaseSettings):
         return "read_uncommitted" if self.embedded_kafka else "read_committed"
 
     @property
+    def tansu_workarounds(self) -> bool:
+        """Whether the workarounds for Tansu 0.6's transactions are on (ADR 0015): the gap guard on
+        ``events_raw``, restores reading on past a stuck transaction, one EndTxn at a time, and the
+        settler. Where the isolation level is ``read_uncommitted``, which ``auto`` picks on the
+        embedded broker."""
+        return self.isolation_level == "read_uncommitted"
+
+    @property
     def bootstrap_servers(self) -> str:
         return self.kafka_bootstrap or f"{EMBEDDED_HOST}:{self.embedded_kafka_port}"
 

@@ -20,7 +20,7 @@ one of its partitions finds every transaction there prepared. Two things follow:
   overlaps the stuck transactions, finds them prepared, and commits them. Every reader of these
   topics skips the record.
 
-Both are on where the isolation level is ``read_uncommitted``, as for the other Tansu workarounds:
+Both are on where ``Settings.tansu_workarounds`` says so, as the other Tansu workarounds are:
 Apache Kafka resolves transactions itself. The settler runs in the sink process.
 """
 
@@ -52,10 +52,6 @@ MAX_WAIT_S = 60.0  # a partition still stuck after a settle is tried again after
 TIMEOUT_S = 10.0
 
 
-def is_settle_record(message) -> bool:
-    return message.key() == SETTLE_KEY
-
-
 def settled_topics(topics: TopicNames) -> list[str]:
     """The topics the identity workers write in transactions."""
     return [topics.events_enriched, topics.persons, topics.person_distinct_ids, topics.groups, topics.group_types,
@@ -68,7 +64,7 @@ class TxnLock:
     A no-op off Tansu. A process that dies holding it releases it with its file."""
 
     def __init__(self, settings: Settings) -> None:
-        self.enabled = settings.isolation_level == "read_uncommitted"
+        self.enabled = settings.tansu_workarounds
         name = hashlib.blake2b(settings.bootstrap_servers.encode(), digest_size=8).hexdigest()
         self.path = Path(tempfile.gettempdir()) / f"headwater-tansu-txn-{name}.lock"
         self._thread_lock = threading.Lock()
@@ -93,7 +89,7 @@ class TxnLock:
 class _Watch:
     end: int  # the partition's end when the LSO was first seen below it
     since: float
-    wait: float = IDLE_S
+    wait: float  # how long it must stand still: the settler's idle time, doubled after each try
 
 
 class TransactionSettler:
@@ -150,10 +146,10 @@ class TransactionSettler:
                 continue
             watch = self.watches.get(key)
             if watch is None:
-                self.watches[key] = _Watch(end, now)
+                self.watches[key] = _Watch(end, now, self.idle_s)
             elif watch.end != end:
                 watch.end, watch.since = end, now
-            elif now - watch.since >= max(watch.wait, self.idle_s):
+            elif now - watch.since >= watch.wait:
                 stuck.append(key)
         return stuck
 

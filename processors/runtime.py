@@ -162,7 +162,7 @@ class StageRunner:
         self.restored = 0
         self.tasks: dict[int, _Task] = {}
         # a skipped batch is a Tansu race (ADR 0015): guarded where the isolation level says Tansu
-        self.gap_guard = GapGuard(gapless_topics if settings.isolation_level == "read_uncommitted" else ())
+        self.gap_guard = GapGuard(gapless_topics if settings.tansu_workarounds else ())
         self.trimmer = allocator.Trimmer()  # freed batch memory back to the system (ADR 0016)
         self.txn_lock = TxnLock(settings)  # Tansu: one EndTxn at a time on the broker (ADR 0015)
         self.consumer = Consumer(settings.consumer_config(
@@ -310,7 +310,7 @@ class StageRunner:
                 if batch:
                     progressed = time.monotonic()
                 elif (not switched and time.monotonic() - progressed > RESTORE_STALL_S
-                      and self.settings.isolation_level == "read_uncommitted"):
+                      and self.settings.tansu_workarounds):
                     log.warning("%s: restore of partition %d gets nothing past offset %d (marker at %d): a "
                                 "transaction the broker never resolves; reading on uncommitted", self.name,
                                 partition, position, marker[0])

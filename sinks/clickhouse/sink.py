@@ -431,12 +431,13 @@ class ClickHouseSink:
         self.stop = stop
         self.consumer.subscribe(list(self.routes), on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("sink: %s -> %s", ",".join(self.routes), self.database)
-        settler, settler_stop = None, threading.Event()  # stops with the loop, however it ends
-        if self.settings.isolation_level == "read_uncommitted":  # Tansu (ADR 0015, "The settler")
+        settler_thread, settler_stop = None, threading.Event()  # stops with the loop, however it ends
+        if self.settings.tansu_workarounds:  # ADR 0015, "The settler"
             self.settler = TransactionSettler(self.settings, settled_topics(TopicNames(self.settings.topic_prefix)),
                                               self.worker_id)
-            settler = threading.Thread(target=self.settler.run, args=(settler_stop,), name="settler", daemon=True)
-            settler.start()
+            settler_thread = threading.Thread(target=self.settler.run, args=(settler_stop,), name="settler",
+                                              daemon=True)
+            settler_thread.start()
         try:
             while not stop.is_set():
                 for message in self.consumer.consume(self.settings.sink_batch_rows, 0.05):
@@ -451,8 +452,8 @@ class ClickHouseSink:
             self.writer.shutdown(wait=True)
             self.consumer.close()
             settler_stop.set()
-            if settler is not None:
-                settler.join(2 * CHECK_EVERY_S)
+            if settler_thread is not None:
+                settler_thread.join(2 * CHECK_EVERY_S)
 
     def _buffer(self, message: Message) -> None:
         error = message.error()

@@ -67,10 +67,13 @@ def test_consumers_read_uncommitted_on_the_embedded_broker_and_committed_on_a_cl
     monkeypatch.delenv("HEADWATER_KAFKA_ISOLATION_LEVEL", raising=False)
     monkeypatch.delenv("HEADWATER_KAFKA_BOOTSTRAP", raising=False)
     assert Settings().consumer_config("g")["isolation.level"] == "read_uncommitted"  # Tansu: ADR 0015
+    assert Settings().tansu_workarounds
     monkeypatch.setenv("HEADWATER_KAFKA_BOOTSTRAP", "kafka:29092")
     assert Settings().consumer_config("g")["isolation.level"] == "read_committed"
+    assert not Settings().tansu_workarounds
     monkeypatch.setenv("HEADWATER_KAFKA_ISOLATION_LEVEL", "read_uncommitted")  # a Tansu the stack did not start
     assert Settings().isolation_level == "read_uncommitted"
+    assert Settings().tansu_workarounds
     monkeypatch.setenv("HEADWATER_KAFKA_ISOLATION_LEVEL", "read_dirty")
     with pytest.raises(ValidationError):
         Settings()
