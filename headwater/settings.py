@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     )
     kafka_isolation_level: Literal["auto", "read_committed", "read_uncommitted"] = Field(
         default="auto",
-        description="How the sink and the group-table follower read transactional topics, and whether restores "
-        "read on uncommitted after 10 s behind a transaction (a worker's own input is always read_committed). "
+        description="How the group-table follower reads transactional topics, whether restores read on "
+        "uncommitted after 10 s behind a transaction, and whether the Tansu workarounds are on (a worker's own "
+        "input and the sink always read read_committed). "
         "auto: read_committed "
         "on a configured cluster, read_uncommitted on the embedded Tansu broker, whose read_committed "
         "filters no aborted records and can stall behind a transaction it never resolves (ADR 0015).",

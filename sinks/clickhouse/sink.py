@@ -391,6 +391,10 @@ class ClickHouseSink:
         self.group_id = f"{settings.topic_prefix}headwater-sink"
         self.consumer = Consumer(settings.consumer_config(self.group_id, **{
             "client.id": f"sink-{worker_id}",
+            # always, Tansu included: a fetch bounded by the last stable offset never passes a batch
+            # of an open transaction, which on Tansu's read_uncommitted the sink could skip for good
+            # (ADR 0015, "The sink reads committed")
+            "isolation.level": "read_committed",
             # whole batches per fetch: the default 1 MB per partition is ~800 event rows
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 64 << 20,

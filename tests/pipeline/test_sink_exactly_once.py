@@ -235,6 +235,36 @@ def test_an_event_sent_again_in_another_batch_or_the_same_batch_is_one_row(setti
     assert clickhouse.query(f"SELECT count() FROM {db}.events WHERE uuid = {{u:UUID}}", parameters={"u": other_uuid}).result_rows == [(2,)]
 
 
+def test_the_sink_writes_no_event_of_an_open_transaction_until_it_commits(settings, clickhouse):
+    """The sink reads committed on every broker, Tansu included (ADR 0015, "The sink reads
+    committed"): a fetch bounded by the last stable offset never hands it a batch of an open
+    transaction, which on Tansu's uncommitted fetch it could move past for good. A plain event on
+    another partition shows the sink is reading meanwhile."""
+    db = settings.clickhouse.database
+    ensure_topics(settings)
+    topic = TopicNames(settings.topic_prefix).events_enriched
+    worker = Producer(settings.kafka_config(**{"transactional.id": f"{settings.topic_prefix}open-worker"}))
+    worker.init_transactions(10)
+    worker.begin_transaction()
+    for i in range(5):
+        key, value = enriched(7, "in-a-transaction", str(uuid.uuid4()), i)
+        worker.produce(topic, value, key=key, partition=0)
+    assert worker.flush(10) == 0
+    plain = Producer(settings.kafka_config())
+    key, value = enriched(7, "plain", str(uuid.uuid4()), 99)
+    plain.produce(topic, value, key=key, partition=1)
+    assert plain.flush(10) == 0
+
+    with running_sink(settings.model_copy(update={"sink_batch_ms": 100})) as sink:
+        wait_until(lambda: counts(clickhouse, db)[0] >= 1, 90, message="the plain event")
+        time.sleep(3)  # several fetches of partition 0 while its transaction is open
+        assert counts(clickhouse, db) == (1, 1), "the sink wrote records of a transaction that may still abort"
+        worker.commit_transaction(10)
+        wait_until(lambda: counts(clickhouse, db)[0] == 6, 60, message="the committed transaction's events")
+        assert sink.duplicates_dropped == 0
+    assert counts(clickhouse, db) == (6, 6)
+
+
 def test_1000_events_sent_twice_through_the_pipeline_are_1000_rows(settings, pipeline, clickhouse):
     """Acceptance 2: a client sends 1,000 events, then the same 1,000 again (same uuids) in other
     requests, which the sink reads in other batches: 1,000 rows, without FINAL."""
