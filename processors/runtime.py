@@ -322,6 +322,7 @@ class StageRunner:
                                 "unresolved transaction on %s?", self.name, partition, position, marker[0],
                                 self.changelog_topic)
                     progressed = time.monotonic()
+                applied: list[tuple[bytes, bytes | None]] = []
                 for m in batch:
                     if m.error() is not None:
                         continue
@@ -334,8 +335,9 @@ class StageRunner:
                     if not batch_committed(m.headers(), committed):
                         skipped += 1
                         continue
-                    task.state.restore(m.key(), m.value())
-                    records += 1
+                    applied.append((m.key(), m.value()))
+                task.state.apply(applied)  # in order, one write per fetched run
+                records += len(applied)
         finally:
             reader.close()
         now = self._committed(partition) if skipped else committed

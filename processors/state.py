@@ -106,19 +106,30 @@ class PartitionState:
         return list(self._writes.items())
 
     def commit(self, encoded: list[tuple[bytes, bytes | None]]) -> None:
-        for key, value in encoded:
-            self.restore(key, value)
+        self.apply(encoded)
         self._writes = {}
         self._undo = []
+
+    def apply(self, records: list[tuple[bytes, bytes | None]]) -> None:
+        """Apply changelog records in order (a batch's writes, or a run of a restore): in RocksDB one
+        write batch, a third of the cost of a put per key."""
+        if isinstance(self._store, dict):
+            for key, value in records:
+                if value is None:
+                    self._store.pop(key, None)
+                else:
+                    self._store[key] = value
+            return
+        from rocksdict import WriteBatch
+
+        batch = WriteBatch(raw_mode=True)
+        for key, value in records:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self._store.write(batch)
 
     def rollback(self) -> None:
         self._writes = {}
         self._undo = []
-
-    def restore(self, key: bytes, value: bytes | None) -> None:
-        """Apply one changelog record (restoring, or committing a batch)."""
-        if value is None:
-            if self._store.get(key) is not None:
-                del self._store[key]
-        else:
-            self._store[key] = value

@@ -189,6 +189,8 @@ def as_dict(value: Any) -> dict:
 def _unset_keys(value: Any) -> list[str]:
     """§1.5 ``$unset``: an array of keys or an object whose keys are used; non-string keys and any
     other shape are ignored (PostHog would take ``Object.keys`` of a string: a quirk)."""
+    if value is None:  # nearly every event: no $unset
+        return []
     keys = value if isinstance(value, list) else list(value) if isinstance(value, dict) else []
     return list(dict.fromkeys(k for k in keys if isinstance(k, str)))
 
@@ -258,11 +260,17 @@ def compute_property_updates(event_name: str, before: dict, properties: dict) ->
     return PropertyUpdates(to_set, to_unset, triggers)
 
 
+def detached(values: dict) -> dict:
+    """A copy of ``values`` that shares no dict or list with it (a person must not share the
+    event's nested values); scalars are immutable and kept, without ``deepcopy``'s cost per key."""
+    return {k: copy.deepcopy(v) if isinstance(v, (dict, list)) else v for k, v in values.items()}
+
+
 def apply_property_updates(before: dict, updates: PropertyUpdates) -> dict:
     """§1.5 ``applyEventPropertyUpdates``: set, then unset (so ``$set:{a:1}`` + ``$unset:['a']``
     removes ``a`` only when ``a`` existed before the event)."""
     after = dict(before)
-    after.update(copy.deepcopy(updates.to_set))
+    after.update(detached(updates.to_set))
     for key in updates.to_unset:
         after.pop(key, None)
     return after

@@ -9,7 +9,6 @@ microseconds since the epoch (UTC), taken from the event.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..rules import (
     apply_property_updates,
     as_dict,
     compute_property_updates,
+    detached,
     person_uuid,
     properties_size,
 )
@@ -75,8 +75,8 @@ def create(ev: dict, ids: list[tuple[str, int]], *, identified: bool, changes: C
     if ev["e"] in NO_PERSON_UPDATE_EVENTS:
         props: dict[str, Any] = {"$creator_event_uuid": ev["u"]}
     else:
-        props = copy.deepcopy({**as_dict(ev["p"].get("$set_once")), **as_dict(ev["p"].get("$set")),
-                               "$creator_event_uuid": ev["u"]})
+        props = detached({**as_dict(ev["p"].get("$set_once")), **as_dict(ev["p"].get("$set")),
+                          "$creator_event_uuid": ev["u"]})
     pid = person_uuid(ev["t"], ids[0][0])
     if _too_big(props, pid, ev, changes):
         return None
