@@ -201,7 +201,8 @@ class Settings(BaseSettings):
 
     @property
     def isolation_level(self) -> str:
-        """The ``isolation.level`` of every consumer of transactional topics (ADR 0015)."""
+        """The ``isolation.level`` of the group-table follower and of ``consumer_config``'s consumers
+        (ADR 0015). The stage runtime's input and the sink set ``read_committed`` over it."""
         if self.kafka_isolation_level != "auto":
             return self.kafka_isolation_level
         return "read_uncommitted" if self.embedded_kafka else "read_committed"
